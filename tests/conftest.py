@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random LLaVA (real architecture) saved in both checkpoint layouts and
+converted once per session. Nothing is downloaded."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_llava import TinySpec, build_tiny_llava, save_original_layout  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """(model, hf_dir, original_dir, clip_dir) of one tiny random LLaVA."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_llava(root / "tiny-hf")
+    save_original_layout(model, root / "tiny-orig", root / "tiny-clip")
+    return model, root / "tiny-hf", root / "tiny-orig", root / "tiny-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    return tiny_ckpt[0]
+
+
+@pytest.fixture(scope="session")
+def converted_f32(tiny_ckpt, tmp_path_factory):
+    """The llava-hf layout converted to F32 (through the library; the CLI is tested in test_convert)."""
+    from convert import convert
+    out = tmp_path_factory.mktemp("conv-hf-f32")
+    return convert(tiny_ckpt[1], out, outtype="f32")
+
+
+@pytest.fixture(scope="session")
+def pair_f32(converted_f32):
+    from llava_local.model_pair import resolve_pair
+    return resolve_pair(converted_f32.llm_path.parent)
+
+
+@pytest.fixture(scope="session")
+def other_width_pair(tmp_path_factory):
+    """A second tiny model whose LLM is wider (96): its mmproj must not pair with the first LLM."""
+    from convert import convert
+    root = tmp_path_factory.mktemp("wide")
+    build_tiny_llava(root / "wide-hf", TinySpec(text_hidden=96, text_heads=4, text_kv_heads=4, seed=1))
+    return convert(root / "wide-hf", root / "out", outtype="f32")
+
+
+def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture()
+def sample_png(tmp_path) -> Path:
+    p = tmp_path / "sample.png"
+    random_image(80, 60, seed=3).save(p)
+    return p
+
+
+def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def assert_embeddings_close(a: np.ndarray, b: np.ndarray, *, max_abs: float) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = float(np.abs(a - b).max())
+    assert d <= max_abs, f"max |Δ| {d:.3g} > {max_abs}"
+    return d
