@@ -36,15 +36,6 @@ def domain_errors(fn):
     return wrapper
 
 
-class ImagePath(click.Path):
-    """An existing, readable file (images are fully validated when loaded)."""
-
-    name = "image"
-
-    def __init__(self):
-        super().__init__(exists=True, dir_okay=False, readable=True)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="llava-local")
@@ -105,7 +96,7 @@ def _read_prompt(prompt: str) -> str:
 
 
 @main.command()
-@click.argument("images", nargs=-1, type=ImagePath())
+@click.argument("images", nargs=-1, type=str)
 @click.option("-m", "--model", required=True, envvar="LLAVA_LOCAL_MODEL", type=click.Path(exists=True),
               help="Model directory (pair + manifest) or LLM .gguf file.  [env: LLAVA_LOCAL_MODEL]")
 @click.option("--mmproj", envvar="LLAVA_LOCAL_MMPROJ", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -116,7 +107,8 @@ def _read_prompt(prompt: str) -> str:
 @click.option("--vision-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("-ngl", "--gpu-layers", type=click.IntRange(0), default=0, show_default=True,
               help="LLM layers to offload to the GPU (needs a CUDA/Metal build of llama-cpp-python).")
-@click.option("--ctx", type=click.IntRange(16), default=4096, show_default=True, help="Context size in tokens.")
+@click.option("--ctx", type=click.IntRange(16), default=None,
+              help="Context size in tokens (default: 4096, or the LLM's training context if smaller).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: all cores).")
 @click.option("--temp", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True)
@@ -147,7 +139,7 @@ def run(images, model, mmproj, prompt, vision_backend, vision_device, gpu_layers
     prompt = _read_prompt(prompt)
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, seed=seed).validate()
     pair = resolve_pair(model, mmproj)
-    loaded = [load_image(p) for p in images]          # every image checked before the model loads
+    loaded = [load_image(p) for p in images]  # every image fully checked (images.py) before the model loads
     engine = Engine(pair, vision_backend=vision_backend, n_ctx=ctx, n_gpu_layers=gpu_layers,
                     vision_device=vision_device, threads=threads, template=template, verbose=verbose)
     try:

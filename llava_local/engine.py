@@ -30,6 +30,7 @@ from .vision import create_backend
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
+DEFAULT_CTX = 4096
 BACKEND_PREFERENCE = ("torch", "mtmd")   # "auto": the most faithful backend that can run here
 
 
@@ -53,10 +54,12 @@ def user_content(prompt: str, n_images: int) -> str:
 
 
 class Engine:
-    def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int = 4096, n_gpu_layers: int = 0,
+    def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int | None = None, n_gpu_layers: int = 0,
                  vision_device: str = "cpu", threads: int | None = None, template: str | None = None,
                  all_logits: bool = False, precise: bool = False, verbose: bool = False):
         self.pair = pair
+        if n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
+            n_ctx = min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
         check_context(pair, n_ctx)
         self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)
         self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,

@@ -37,6 +37,11 @@ class ModelPair:
         return int(self.llm.require(f"{self.llm.architecture}.embedding_length"))
 
     @property
+    def n_ctx_train(self) -> int | None:
+        v = self.llm.get(f"{self.llm.architecture}.context_length")
+        return int(v) if v else None
+
+    @property
     def image_tokens(self) -> int:
         return self.mmproj.image_tokens
 

@@ -116,7 +116,7 @@ VICUNA_V1_JINJA = (
     "{{ bos_token }}{%- if ns.system -%}{{ ns.system }} {% endif -%}"
     "{%- for m in messages[ns.start:] -%}"
     "{%- if m['role'] == 'user' -%}USER: {{ m['content'] }} ASSISTANT:"
-    "{%- else -%} {{ m['content'] }}{{ eos_token }}{%- endif -%}"
+    "{%- else -%}{{ ' ' + m['content'] }}{{ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )
 
