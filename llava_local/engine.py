@@ -9,48 +9,30 @@ Images become embeddings (vision backend), the prompt becomes template segments
 """
 from __future__ import annotations
 
-import codecs
 import logging
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import BackendUnavailableError, LlavaLocalError
+from .chat_session import Answer, ChatSession, user_content  # noqa: F401  (re-exported)
+from .errors import BackendUnavailableError
 from .images import LoadedImage, load_image
 from .llm import LlamaLLM
 from .model_pair import ModelPair, check_context
-from .sampling import Sampler, SamplingParams
-from .templates import DEFAULT_TEMPLATE, IMAGE_MARKER, Message, get_template, tokenize_segments
+from .prompt_format import choose_format
+from .sampling import SamplingParams
+from .templates import DEFAULT_TEMPLATE, Message, get_template, tokenize_segments
 from .vision import create_backend
 
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
 DEFAULT_CTX = 4096
+EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576 x 4096 fp32 = 9 MB each)
 BACKEND_PREFERENCE = ("torch", "mtmd")   # "auto": the most faithful backend that can run here
-
-
-@dataclass
-class Answer:
-    text: str
-    tokens: list[int]
-    n_prompt_tokens: int            # text + image positions evaluated for the prompt
-    finish_reason: str              # "stop" | "length"
-    timings: dict = field(default_factory=dict)
-
-
-def user_content(prompt: str, n_images: int) -> str:
-    """LLaVA puts the image before the question: "<image>\\nQ". Explicit markers are respected."""
-    n_markers = prompt.count(IMAGE_MARKER)
-    if n_markers == 0:
-        return (IMAGE_MARKER + "\n") * n_images + prompt
-    if n_markers != n_images:
-        raise LlavaLocalError(f"the prompt has {n_markers} {IMAGE_MARKER} markers but {n_images} images were given")
-    return prompt
 
 
 class Engine:
@@ -61,12 +43,20 @@ class Engine:
         if n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
             n_ctx = min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
         check_context(pair, n_ctx)
-        self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)
+        self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)  # training layout
         self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
                             all_logits=all_logits, precise=precise, verbose=verbose)
         self.vision = self._make_backend(vision_backend, vision_device=vision_device, threads=threads, verbose=verbose)
+        bos = self.llm.bos
+        self.format = choose_format(override=template, gguf_template=pair.chat_template, named=pair.template_name,
+                                    bos_text=self.llm.token_text(bos) if bos is not None else "",
+                                    eos_text=self.llm.token_text(self.llm.eos))
         self.n_images_encoded = 0
-        log.info("vision backend: %s", self.vision.name)
+        self._embed_cache: OrderedDict[str, object] = OrderedDict()
+        st = pair.mmproj_path.stat()
+        self._mmproj_id = f"{pair.mmproj_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        self._owner: ChatSession | None = None      # the session whose turns are in the KV cache
+        log.info("vision backend: %s; prompt format: %s", self.vision.name, self.format.name)
 
     def _make_backend(self, name: str, **kw):
         names = BACKEND_PREFERENCE if name == "auto" else (name,)
@@ -82,11 +72,25 @@ class Engine:
         raise BackendUnavailableError("no vision backend can run here: " + "; ".join(errors))
 
     # --- pieces ---
-    def load_images(self, images: Sequence[ImageInput]) -> list[Image.Image]:
+    def load_images(self, images: Sequence[ImageInput]) -> list[LoadedImage]:
+        return [im if isinstance(im, LoadedImage) else load_image(im) for im in images]
+
+    def image_embeddings(self, images: Sequence[LoadedImage]) -> tuple[list[np.ndarray], int]:
+        """(n_tokens, n_embd) per image, from the cache where possible; returns (embeddings, cache hits)."""
+        keys = [f"{self._mmproj_id}:{im.pixel_hash}" for im in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._embed_cache]
+        todo_unique = list({keys[i]: i for i in todo}.values())
+        if todo_unique:
+            new = self.encode_images([images[i].image for i in todo_unique])
+            for j, i in enumerate(todo_unique):
+                self._embed_cache[keys[i]] = new[j]
         out = []
-        for im in images:
-            out.append(im.image if isinstance(im, LoadedImage) else load_image(im).image)
-        return out
+        for k in keys:
+            self._embed_cache.move_to_end(k)
+            out.append(self._embed_cache[k])
+        while len(self._embed_cache) > EMBED_CACHE_SIZE:
+            self._embed_cache.popitem(last=False)
+        return out, len(images) - len(todo_unique)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
@@ -100,7 +104,9 @@ class Engine:
         return tokenize_segments(segs, self.llm.tokenize, self.llm.bos, self.llm.eos).items
 
     def prefill(self, items, embeds: np.ndarray) -> int:
-        """Evaluate text ids and image slots in order; returns positions evaluated."""
+        """Evaluate text ids and image slots (from `prompt_items`) in order on the current cache;
+        returns positions evaluated. Low-level (tests compare against transformers with it)."""
+        self._owner = None
         n0 = self.llm.n_past
         for it in items:
             if isinstance(it, list):
@@ -110,66 +116,21 @@ class Engine:
                 self.llm.eval_embeddings(embeds[-1 - it])
         return self.llm.n_past - n0
 
-    def generate(self, sampling: SamplingParams, max_tokens: int) -> Iterator[tuple[int, str]]:
-        """Yield (token, text piece) until an end-of-generation token, max_tokens or a full context."""
-        sampler = Sampler(sampling)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        history: list[int] = []
-        for _ in range(max_tokens):
-            tok = sampler(self.llm.last_logits(), history)
-            if self.llm.is_eog(tok):
-                return
-            history.append(tok)
-            yield tok, decoder.decode(self.llm.token_bytes(tok))
-            if self.llm.n_past >= self.llm.n_ctx:
-                return
-            self.llm.eval_tokens([tok])
-
-    # --- one-shot ---
-    def ask(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
-            max_tokens: int = 256, sampling: SamplingParams = SamplingParams()) -> Answer:
-        pieces: list[str] = []
-        answer = None
-        for item in self.stream(prompt, images, system=system, max_tokens=max_tokens, sampling=sampling):
-            if isinstance(item, Answer):
-                answer = item
-            else:
-                pieces.append(item)
-        assert answer is not None
-        return answer
+    # --- conversations ---
+    def chat_session(self, *, system: str | None = None, sampling: SamplingParams = SamplingParams(),
+                     max_tokens: int = 512) -> ChatSession:
+        return ChatSession(self, system=system, sampling=sampling, max_tokens=max_tokens)
 
     def stream(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
                max_tokens: int = 256, sampling: SamplingParams = SamplingParams()):
-        """Yield text pieces as they are generated, then the final `Answer`."""
-        if not prompt.strip():
-            raise LlavaLocalError("empty prompt")
-        if max_tokens < 1:
-            raise LlavaLocalError(f"max_tokens must be >= 1, got {max_tokens}")
-        sampling.validate()
-        t0 = time.perf_counter()
-        pil = self.load_images(images)
-        t1 = time.perf_counter()
-        messages = ([Message("system", system)] if system is not None else []) + \
-            [Message("user", user_content(prompt, len(pil)))]
-        items = self.prompt_items(messages)
-        n_text = sum(len(it) for it in items if isinstance(it, list))
-        check_context(self.pair, self.llm.n_ctx, n_images=len(pil), n_text=n_text)  # before any encoding
-        embeds = self.encode_images(pil)
-        t2 = time.perf_counter()
-        self.llm.reset()
-        n_prompt = self.prefill(items, embeds)
-        t3 = time.perf_counter()
-        tokens: list[int] = []
-        for tok, piece in self.generate(sampling, max_tokens):
-            tokens.append(tok)
-            if piece:
-                yield piece
-        t4 = time.perf_counter()
-        finish = "length" if len(tokens) >= max_tokens or self.llm.n_past >= self.llm.n_ctx else "stop"
-        timings = {"image_load_s": t1 - t0, "encode_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
-                   "decode_tok_per_s": (len(tokens) / (t4 - t3)) if tokens and t4 > t3 else 0.0,
-                   "vision_backend": self.vision.name}
-        yield Answer(self.llm.detokenize(tokens), tokens, n_prompt, finish, timings)
+        """One-shot: yield text pieces, then the final `Answer` (a fresh conversation every call)."""
+        session = self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens)
+        yield from session.send(prompt, images)
+        yield session.last
+
+    def ask(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
+            max_tokens: int = 256, sampling: SamplingParams = SamplingParams()) -> Answer:
+        return self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens).ask(prompt, images)
 
     def close(self) -> None:
         self.vision.close()

@@ -132,6 +132,12 @@ class LlamaLLM:
             n = self._L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
+    def token_text(self, token: int) -> str:
+        """The text of a (special) token as templates write it, e.g. "</s>" or "<|im_end|>"."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._L.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
