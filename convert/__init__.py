@@ -53,10 +53,12 @@ def _versions() -> dict:
 def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: str = "f16",
             vision_tower: str | os.PathLike | None = None, name: str | None = None,
             template: str = DEFAULT_TEMPLATE, tokenizer_pre: str | None = None,
-            progress=None) -> ConvertResult:
+            progress=None, onnx: bool = False) -> ConvertResult:
     """Convert one checkpoint (either layout) into an LLM GGUF, an mmproj GGUF and a manifest."""
     if outtype not in OUTTYPES:
         raise ConversionError(f"outtype {outtype!r} unknown (choose from {', '.join(OUTTYPES)})")
+    if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+        raise ConversionError(f"--name {name!r} must be a plain file name (no directories)")
     tmpl = get_template(template)
     t0 = time.perf_counter()
     ck: LlavaCheckpoint = read_checkpoint(Path(src_dir), vision_tower=Path(vision_tower) if vision_tower else None,
@@ -76,6 +78,17 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
     except BaseException:
         mmproj_path.unlink(missing_ok=True)
         raise
+    onnx_entry = None
+    if onnx:  # the exact vision encoder for onnxruntime (convert/onnx_export.py)
+        from .onnx_export import export_onnx, onnx_files
+        try:
+            files = onnx_files(dst, ck.name)
+            export_onnx(ck, dst, name=ck.name)
+        except BaseException:
+            llm_path.unlink(missing_ok=True)
+            mmproj_path.unlink(missing_ok=True)
+            raise
+        onnx_entry = {"model": files.model.name, "sidecar": files.sidecar.name, "data": files.data.name}
     manifest = {
         "format": "llava-local-manifest", "version": MANIFEST_VERSION,
         "name": ck.name, "llm": llm_path.name, "mmproj": mmproj_path.name, "outtype": outtype,
@@ -85,6 +98,8 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
         "source": {"path": str(ck.source.resolve()), "layout": ck.layout},
         "versions": _versions(),
     }
+    if onnx_entry:
+        manifest["onnx"] = onnx_entry
     tmp = manifest_path.with_name(manifest_path.name + ".part")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)

@@ -1,0 +1,76 @@
+"""llava-local: train, convert and run LLaVA vision-language models locally on llama.cpp.
+
+    import llava_local
+    m = llava_local.load()                        # the embedded demo model; or load("out/"), load(hf_repo=...)
+    print(m.ask("photo.jpg", "What is in the picture?"))
+    s = m.chat_session()
+    for piece in s.send("Describe it.", images=["photo.jpg"]):
+        print(piece, end="", flush=True)
+    for piece in s.send("And the colours?"):      # the image stays in the KV cache
+        print(piece, end="", flush=True)
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+from .errors import (BackendUnavailableError, ContextOverflowError, ConversionError, ImageError,  # noqa: F401
+                     LlavaLocalError, ModelFilesError, TemplateError)
+
+__all__ = ["load", "Model", "LlavaLocalError", "ModelFilesError", "ImageError", "ContextOverflowError"]
+
+
+class Model:
+    """A loaded (LLM, mmproj) pair. Not thread-safe: one conversation runs at a time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @staticmethod
+    def _images(image) -> list:
+        if image is None:
+            return []
+        if isinstance(image, (list, tuple)):
+            return list(image)
+        return [image]
+
+    def ask(self, image, question: str, *, max_tokens: int = 256, temperature: float = 0.0,
+            seed: int | None = None, system: str | None = None) -> str:
+        """Answer one question about an image (a path, bytes, a PIL image, a list of them, or None)."""
+        from .sampling import SamplingParams
+        return self.engine.ask(question, self._images(image), system=system, max_tokens=max_tokens,
+                               sampling=SamplingParams(temperature=temperature, seed=seed)).text
+
+    def stream(self, image, question: str, **kw) -> Iterator[str]:
+        """Like ask, yielding text pieces as they are generated."""
+        s = self.chat_session(**kw)
+        yield from s.send(question, self._images(image))
+
+    def chat_session(self, *, system: str | None = None, max_tokens: int = 512, temperature: float = 0.0,
+                     seed: int | None = None):
+        """A multi-turn conversation: `send(text, images=[...])` yields the answer's pieces."""
+        from .sampling import SamplingParams
+        return self.engine.chat_session(system=system, max_tokens=max_tokens,
+                                        sampling=SamplingParams(temperature=temperature, seed=seed))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, *,
+         hf_repo: str | None = None, hf_quant: str | None = None, vision_backend: str = "auto",
+         n_ctx: int | None = None, gpu_layers: int = 0, vision_device: str = "cpu", threads: int | None = None,
+         template: str | None = None, verbose: bool = False) -> Model:
+    """Load a model: the embedded demo model by default, a converted directory, an LLM .gguf plus
+    `mmproj`, or a Hugging Face repo of GGUF files (`hf_repo`)."""
+    from .engine import Engine
+    from .model_source import find_model
+    pair = find_model(model, mmproj, hf_repo=hf_repo, hf_quant=hf_quant)
+    return Model(Engine(pair, vision_backend=vision_backend, n_ctx=n_ctx, n_gpu_layers=gpu_layers,
+                        vision_device=vision_device, threads=threads, template=template, verbose=verbose))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAVE_FORMAT = "llava-local-conversation"
+_SENTINEL = "\x00answer\x00"   # stands for the answer when finding the template's end-of-turn text
 
 
 @dataclass
@@ -191,24 +192,28 @@ class ChatSession:
         self.totals["generated_tokens"] += len(tokens)
 
     def _close_turn(self, answer_text: str, exact: bool = True) -> None:
-        """Record the answer and evaluate what the template puts after it (e.g. "</s>"), so the
-        next turn's rendering extends the cache."""
-        llm = self.engine.llm
+        """Record the answer and evaluate what the template puts after an answer (e.g. "</s>"), so
+        the next turn's rendering extends the cache. The cache keeps the tokens the model generated
+        (as llama.cpp's server does), even where re-rendering the answer would tokenize differently."""
+        llm, fmt = self.engine.llm, self.engine.format
+        prompt = self._kv_text
         self.messages = self.messages + [Message("assistant", answer_text.strip())]
-        closed = self.engine.format.render(self.messages, add_generation_prompt=False)
-        in_cache = self._kv_text + answer_text
-        rest = closed[len(in_cache):] if exact and closed.startswith(in_cache) else None
-        if rest is None or IMAGE_MARKER in rest:
+        probe = fmt.render(self.messages[:-1] + [Message("assistant", _SENTINEL)], add_generation_prompt=False)
+        if not exact or not probe.startswith(prompt) or probe.count(_SENTINEL) != 1:
             self._kv_text = "\0"   # cannot extend exactly: the next turn re-evaluates from scratch
             return
-        toks = llm.tokenize(rest) if rest else []
-        if toks and llm.n_past + len(toks) <= llm.n_ctx:
-            llm.eval_tokens(toks)
-            self._kv_text = closed
-        elif not toks:
-            self._kv_text = closed
-        else:
+        after = probe.split(_SENTINEL, 1)[1]
+        closed = fmt.render(self.messages, add_generation_prompt=False)
+        if not closed.endswith(after) or IMAGE_MARKER in after:
             self._kv_text = "\0"
+            return
+        toks = llm.tokenize(after) if after else []
+        if llm.n_past + len(toks) > llm.n_ctx:
+            self._kv_text = "\0"
+            return
+        if toks:
+            llm.eval_tokens(toks)
+        self._kv_text = closed
 
     def ask(self, text: str, images: Sequence["ImageInput"] = (), **kw) -> Answer:
         for _ in self.send(text, images, **kw):

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
 DEFAULT_CTX = 4096
 EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576 x 4096 fp32 = 9 MB each)
-BACKEND_PREFERENCE = ("torch", "mtmd")   # "auto": the most faithful backend that can run here
+BACKEND_PREFERENCE = ("torch", "onnx", "mtmd")   # "auto": exact backends first (onnx only where exported)
 
 
 class Engine:

@@ -63,6 +63,20 @@ def sample_png(tmp_path) -> Path:
     return p
 
 
+IMAGES = [random_image(80, 60, 1), random_image(40, 90, 2), random_image(56, 56, 3), random_image(200, 30, 4)]
+
+
+def reference_image_features(model, pixels: np.ndarray) -> np.ndarray:
+    """transformers' LLaVA vision path (get_image_features) on preprocessed pixels: (B, n_tokens, n_embd)."""
+    import torch
+    with torch.no_grad():
+        f = model.get_image_features(pixel_values=torch.from_numpy(pixels))
+    f = getattr(f, "pooler_output", f)
+    if isinstance(f, (list, tuple)):
+        f = torch.stack(list(f))
+    return f.reshape(pixels.shape[0], -1, f.shape[-1]).numpy()
+
+
 def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)

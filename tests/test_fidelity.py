@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_embeddings_close, cosine_per_token, random_image
+from conftest import IMAGES, assert_embeddings_close, cosine_per_token, random_image, reference_image_features
 from llava_local.engine import Engine
 from llava_local.preprocess import preprocess_batch
 from llava_local.templates import Message
 from llava_local.vision import create_backend
 
-IMAGES = [random_image(80, 60, 1), random_image(40, 90, 2), random_image(56, 56, 3), random_image(200, 30, 4)]
-
-
-def reference_image_features(model, pixels: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        f = model.get_image_features(pixel_values=torch.from_numpy(pixels))
-    f = getattr(f, "pooler_output", f)
-    if isinstance(f, (list, tuple)):
-        f = torch.stack(list(f))
-    return f.reshape(pixels.shape[0], -1, f.shape[-1]).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,11 @@ feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one
 |-------|--------------------------------------------------|--------------------|
 | torch | PyTorch (transformers CLIPVisionModel), fp32     | exact (reference)  |
 | mtmd  | llama.cpp's clip graph through libmtmd (CPU/GPU) | no: upstream #25814 |
+| onnx  | onnxruntime (CPU, CUDA, CoreML), from `convert --onnx` | exact (fp32)    |
 """
 from __future__ import annotations
 
 from .base import BACKENDS, VisionBackend, create_backend, register_backend  # noqa: F401
 from . import torch_backend, mtmd_backend  # noqa: F401  (register themselves)
+from . import onnx_backend  # noqa: F401  (registers "onnx"; onnxruntime is imported only when one is created)
+from . import native_backend  # noqa: F401  (registers "native"; libllava_vision is loaded only when one is created)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @register_backend("mtmd")
 class MtmdBackend(VisionBackend):
-    def __init__(self, mmproj, *, llm=None, device: str = "cpu", threads: int | None = None,
+    def __init__(self, mmproj, *, llm=None, vision_device: str = "cpu", threads: int | None = None,
                  verbose: bool = False, **_):
         super().__init__(mmproj)
         if llm is None:
@@ -38,7 +38,7 @@ class MtmdBackend(VisionBackend):
         self._M = mtmd_cpp
         self._llm = llm
         params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = device == "gpu"
+        params.use_gpu = vision_device == "gpu"
         params.print_timings = verbose
         params.n_threads = threads or max(1, os.cpu_count() or 2)
         params.warmup = False

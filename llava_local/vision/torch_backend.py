@@ -36,7 +36,7 @@ def _read_tensors(path) -> dict[str, np.ndarray]:
 class TorchBackend(VisionBackend):
     exact = True
 
-    def __init__(self, mmproj, *, device: str = "cpu", threads: int | None = None, **_):
+    def __init__(self, mmproj, *, vision_device: str = "cpu", threads: int | None = None, **_):
         super().__init__(mmproj)
         try:
             import torch
@@ -52,7 +52,7 @@ class TorchBackend(VisionBackend):
         cfg = CLIPVisionConfig(hidden_size=m.hidden_size, intermediate_size=ffn, num_hidden_layers=m.feature_layer,
                                num_attention_heads=m.n_heads, image_size=m.image_size, patch_size=m.patch_size,
                                layer_norm_eps=m.layer_norm_eps, hidden_act="quick_gelu")
-        self.device = torch.device("cuda" if device == "gpu" and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if vision_device == "gpu" and torch.cuda.is_available() else "cpu")
         clip = CLIPVisionModel(cfg).eval()
         state = {}
         for rel, gname in CLIP_TENSORS.items():

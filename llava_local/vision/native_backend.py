@@ -1,0 +1,163 @@
+"""`native` vision backend: our own ggml graph for LLaVA's CLIP + projector (native/, libllava_vision).
+
+Exact like `torch` (CLS first, the feature layer's count of layers, quick-GELU and erf GELU in F32)
+and fast like `mtmd`: it runs on the ggml that llama-cpp-python installed (CPU threads, or CUDA /
+Metal when that build has them, with `device="gpu"`), and encodes a batch of images in one graph.
+
+`pip install -e .` builds the library into llava_local/_native/ (setup.py runs CMakeLists.txt); if
+that failed, creating this backend raises BackendUnavailableError and the engine falls back.
+LLAVA_LOCAL_NATIVE_LIB=/path/to/libllava_vision.so points at another build.
+
+    backend = create_backend("native", read_mmproj("mmproj-F16.gguf"), threads=8, max_batch=8)
+    emb = backend.encode(images)               # (n_images, 576, 4096) float32
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BackendUnavailableError, ModelFilesError
+from ..preprocess import preprocess_batch
+from .base import VisionBackend, register_backend
+
+log = logging.getLogger(__name__)
+
+LIB_ENV = "LLAVA_LOCAL_NATIVE_LIB"
+LIB_NAME = {"darwin": "libllava_vision.dylib", "win32": "llava_vision.dll"}.get(sys.platform, "libllava_vision.so")
+ERR_LEN = 2048
+
+# enum llava_vision_status (native/llava_vision.h)
+OK, ERR_ARGUMENT, ERR_FILE, ERR_MODEL, ERR_BACKEND, ERR_COMPUTE = range(6)
+
+
+class NativeParams(ctypes.Structure):
+    _fields_ = [("n_threads", ctypes.c_int32),   # <= 0: all hardware threads
+                ("use_gpu", ctypes.c_int32),     # first GPU ggml has, else CPU
+                ("max_batch", ctypes.c_int32),   # images per graph
+                ("flash_attn", ctypes.c_int32)]  # fused attention (not exact to 1e-4 with F16 K/V on GPU)
+
+
+def library_path() -> Path:
+    env = os.environ.get(LIB_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "_native" / LIB_NAME
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def load_library() -> ctypes.CDLL:
+    """The ctypes handle of libllava_vision, loaded once; BackendUnavailableError if it cannot be."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    path = library_path()
+    if not path.is_file():
+        raise BackendUnavailableError(f"native encoder not built: {path} is missing "
+                                      "(reinstall with cmake and a C++ compiler: pip install -e .)")
+    try:
+        # llama_cpp's libllama pulls in its libggml*; our library then binds to those very copies
+        # (same soname), so the encoder and the LLM share one ggml and one device registry.
+        import llama_cpp.llama_cpp  # noqa: F401
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailableError(f"native encoder not built: llama_cpp cannot be loaded ({exc})") from None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise BackendUnavailableError(f"native encoder not built: cannot load {path} ({exc})") from None
+    c = ctypes
+    ctx_p, err_p = c.c_void_p, c.c_char_p
+    lib.llava_vision_default_params.restype = NativeParams
+    lib.llava_vision_default_params.argtypes = []
+    lib.llava_vision_init_from_file.restype = ctx_p
+    lib.llava_vision_init_from_file.argtypes = [c.c_char_p, NativeParams, err_p, c.c_size_t]
+    lib.llava_vision_encode_batch.restype = c.c_int32
+    lib.llava_vision_encode_batch.argtypes = [ctx_p, c.POINTER(c.c_float), c.c_int32, c.POINTER(c.c_float),
+                                              err_p, c.c_size_t]
+    lib.llava_vision_free.restype = None
+    lib.llava_vision_free.argtypes = [ctx_p]
+    for name in ("n_tokens", "n_embd", "image_size", "n_layers", "max_batch"):
+        fn = getattr(lib, "llava_vision_" + name)
+        fn.restype, fn.argtypes = c.c_int32, [ctx_p]
+    for name in ("backend_name", "weight_type"):
+        fn = getattr(lib, "llava_vision_" + name)
+        fn.restype, fn.argtypes = c.c_char_p, [ctx_p]
+    _LIB = lib
+    return lib
+
+
+@register_backend("native")
+class NativeBackend(VisionBackend):
+    exact = True
+
+    def __init__(self, mmproj, *, device: str = "cpu", threads: int | None = None, max_batch: int = 8,
+                 flash_attn: bool = False, **_):
+        super().__init__(mmproj)
+        self._lib = lib = load_library()
+        params = lib.llava_vision_default_params()
+        params.n_threads = int(threads or 0)
+        params.use_gpu = int(device == "gpu")
+        params.max_batch = int(max_batch)
+        params.flash_attn = int(flash_attn)
+        err = ctypes.create_string_buffer(ERR_LEN)
+        self.ctx = lib.llava_vision_init_from_file(os.fsencode(str(mmproj.path)), params, err, ERR_LEN)
+        if not self.ctx:
+            raise ModelFilesError(f"native encoder: {err.value.decode(errors='replace')}")
+        got = (lib.llava_vision_n_tokens(self.ctx), lib.llava_vision_n_embd(self.ctx),
+               lib.llava_vision_image_size(self.ctx))
+        want = (self.n_tokens, self.n_embd, mmproj.image_size)
+        if got != want:  # the two readers of one file disagree: a bug, but never return wrong shapes
+            self.close()
+            raise ModelFilesError(f"{mmproj.path}: native encoder reads (tokens, width, image size) {got}, "
+                                  f"the Python reader {want}")
+        self.max_batch = lib.llava_vision_max_batch(self.ctx)
+        self.device_name = lib.llava_vision_backend_name(self.ctx).decode()
+        log.info("native vision encoder on %s, %s weights, %d layers", self.device_name,
+                 lib.llava_vision_weight_type(self.ctx).decode(), lib.llava_vision_n_layers(self.ctx))
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) normalised pixels -> (B, n_tokens, n_embd), in graphs of up to max_batch images."""
+        if not self.ctx:
+            raise ValueError("native backend is closed")
+        s = self.mmproj.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
+            raise ValueError(f"pixels of shape {pixels.shape}, expected (B, 3, {s}, {s})")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        n = pixels.shape[0]
+        out = np.empty((n, self.n_tokens, self.n_embd), dtype=np.float32)
+        err = ctypes.create_string_buffer(ERR_LEN)
+        fp = ctypes.POINTER(ctypes.c_float)
+        for i in range(0, n, self.max_batch):
+            src, dst = pixels[i:i + self.max_batch], out[i:i + self.max_batch]
+            rc = self._lib.llava_vision_encode_batch(self.ctx, src.ctypes.data_as(fp), src.shape[0],
+                                                     dst.ctypes.data_as(fp), err, ERR_LEN)
+            if rc != OK:
+                self._raise(rc, err.value.decode(errors="replace"))
+        return out
+
+    def _raise(self, rc: int, msg: str):
+        if rc == ERR_ARGUMENT:
+            raise ValueError(f"native encoder: {msg}")
+        if rc == ERR_BACKEND:
+            raise BackendUnavailableError(f"native encoder on {self.device_name}: {msg}")
+        raise ModelFilesError(f"{self.mmproj.path}: native encoder: {msg}")
+
+    def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_pixels(preprocess_batch(images, self.preprocess_config))
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._lib.llava_vision_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
