@@ -65,7 +65,7 @@ def llama_cpp_lib(verbose: bool = False):
 class LlamaLLM:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, all_logits: bool = False,
-                 precise: bool = False, verbose: bool = False):
+                 precise: bool = False, n_seq_max: int = 1, verbose: bool = False):
         L = self._L = llama_cpp_lib(verbose)
         self.path = Path(path)
         mparams = L.llama_model_default_params()
@@ -77,7 +77,8 @@ class LlamaLLM:
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq_max      # >1: several sequences decoded in one batch (captioning)
+        cparams.kv_unified = n_seq_max > 1  # sequences share one cache, so a common prompt prefix can be shared
         if precise:  # F16 KV cache and CPU flash attention (Q rounded to F16) move logits by ~1e-2
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
             cparams.flash_attn_type = 0          # disabled: CPU flash attention rounds Q to F16
