@@ -53,6 +53,7 @@ def download_from_hub(repo: str, *, quant: str | None = None, revision: str | No
     except ImportError as exc:
         raise ModelFilesError(f"--hf-repo needs huggingface_hub ({exc})") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None   # read now: huggingface_hub reads it once, at import
     files = None
     if not offline:
         try:
@@ -61,7 +62,7 @@ def download_from_hub(repo: str, *, quant: str | None = None, revision: str | No
             log.info("hub not reachable (%s); trying the local cache", exc)
     if files is None:   # offline: whatever the cache holds for this repo
         try:
-            snap = Path(snapshot_download(repo, revision=revision, local_files_only=True,
+            snap = Path(snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=cache_dir,
                                           allow_patterns=["*.gguf", "*.json"]))
         except (LocalEntryNotFoundError, OSError, ValueError) as exc:
             raise ModelFilesError(f"{repo}: not in the local hub cache and the hub is not reachable ({exc})") from None
@@ -72,7 +73,7 @@ def download_from_hub(repo: str, *, quant: str | None = None, revision: str | No
     paths = []
     for f in (llm, mm):
         try:
-            paths.append(Path(hf_hub_download(repo, f, revision=revision)))
+            paths.append(Path(hf_hub_download(repo, f, revision=revision, cache_dir=cache_dir)))
         except (HfHubHTTPError, OSError, ValueError) as exc:
             raise ModelFilesError(f"{repo}/{f}: download failed ({exc})") from None
     return resolve_pair(paths[0], paths[1])
