@@ -453,7 +453,7 @@ def test_extreme_aspect_ratio_is_bounded():
 
 def llava_reference(img):
     """LLaVA-1.5: expand2square with the mean colour, then CLIPImageProcessor (PIL backend)."""
-    clip_pil = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
+    from transformers.models.clip import image_processing_pil_clip as clip_pil  # must exist: never skip
     processor = clip_pil.CLIPImageProcessorPil(
         size={"shortest_edge": 336},
         crop_size={"height": 336, "width": 336},
