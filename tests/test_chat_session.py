@@ -187,3 +187,23 @@ def test_template_override_by_name(pair_f32):
         eng.close()
     with pytest.raises(TemplateError):
         get_template("nope")
+
+
+def test_runtime_prompt_tokens_equal_the_training_segments(engine):
+    """The session renders one string and tokenizes what each turn appends; training tokenizes the
+    template's segments. For a multi-turn conversation with an image both give the same ids."""
+    from llava_local.templates import IMAGE_MARKER
+    msgs = [Message("user", "<image>\nWhat colour is the circle?"), Message("assistant", "Red."),
+            Message("user", "How many shapes are there?"), Message("assistant", "Three."),
+            Message("user", "Which shape is left of the red one?")]
+    training = [it for it in engine.prompt_items(msgs)]
+    rendered = engine.format.render(msgs, add_generation_prompt=True)
+    runtime = []
+    for i, part in enumerate(rendered.split(IMAGE_MARKER)):
+        if i:
+            runtime.append(-i)
+        runtime += engine.llm.tokenize(part) if part else []
+    flat = []
+    for it in training:
+        flat += it if isinstance(it, list) else [it]
+    assert runtime == flat
