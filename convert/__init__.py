@@ -4,7 +4,8 @@ and `<name>.manifest.json`.
     from convert import convert
     result = convert("checkpoints/llava-1.5-7b-hf", "out/", outtype="f16")
 
-CLI: `llava-local convert CHECKPOINT_DIR -o OUT_DIR [--outtype f32|f16|bf16] [--vision-tower DIR]`.
+CLI: `llava-local convert CHECKPOINT_DIR -o OUT_DIR [--outtype f32|f16|bf16] [--vision-tower DIR]
+[--quantize Q4_K_M [--no-keep-unquantized]]`.
 """
 from __future__ import annotations
 
@@ -53,10 +54,20 @@ def _versions() -> dict:
 def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: str = "f16",
             vision_tower: str | os.PathLike | None = None, name: str | None = None,
             template: str = DEFAULT_TEMPLATE, tokenizer_pre: str | None = None,
-            progress=None, onnx: bool = False) -> ConvertResult:
-    """Convert one checkpoint (either layout) into an LLM GGUF, an mmproj GGUF and a manifest."""
+            progress=None, onnx: bool = False, quantize: str | None = None,
+            keep_unquantized: bool = True) -> ConvertResult:
+    """Convert one checkpoint (either layout) into an LLM GGUF, an mmproj GGUF and a manifest.
+    With `quantize` (a type of convert/quantize.py) the LLM is then quantized and the manifest names
+    the quantized file; the `outtype` LLM stays next to it unless `keep_unquantized` is False."""
     if outtype not in OUTTYPES:
         raise ConversionError(f"outtype {outtype!r} unknown (choose from {', '.join(OUTTYPES)})")
+    if quantize is not None:
+        from .quantize import QTYPES, quantize as quantize_llm
+        quantize = quantize.upper()
+        if quantize not in QTYPES:
+            raise ConversionError(f"quantization type {quantize!r} unknown (choose from {', '.join(QTYPES)})")
+        if quantize == outtype.upper():
+            raise ConversionError(f"--quantize {quantize} is the --outtype already")
     if name is not None and (not name or Path(name).name != name or name in (".", "..")):
         raise ConversionError(f"--name {name!r} must be a plain file name (no directories)")
     tmpl = get_template(template)
@@ -78,6 +89,18 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
     except BaseException:
         mmproj_path.unlink(missing_ok=True)
         raise
+    unquantized_path = None
+    if quantize is not None:
+        unquantized_path, llm_path = llm_path, output_paths(dst, ck.name, quantize)[0]
+        try:
+            quantize_llm(unquantized_path, llm_path, quantize)
+        except BaseException:
+            unquantized_path.unlink(missing_ok=True)
+            mmproj_path.unlink(missing_ok=True)
+            raise
+        if not keep_unquantized:
+            unquantized_path.unlink()
+            unquantized_path = None
     onnx_entry = None
     if onnx:  # the exact vision encoder for onnxruntime (convert/onnx_export.py)
         from .onnx_export import export_onnx, onnx_files
@@ -98,6 +121,10 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
         "source": {"path": str(ck.source.resolve()), "layout": ck.layout},
         "versions": _versions(),
     }
+    if quantize is not None:
+        manifest["quantize"] = quantize          # the LLM's type; "outtype" is the mmproj's
+        if unquantized_path is not None:
+            manifest["llm_unquantized"] = unquantized_path.name
     if onnx_entry:
         manifest["onnx"] = onnx_entry
     tmp = manifest_path.with_name(manifest_path.name + ".part")

@@ -12,7 +12,9 @@ import sys
 
 import click
 
+from .caption_cli import caption
 from .chat_cli import chat
+from .quantize_cli import eval_quant, quantize
 from .cli_options import model_options, sampling_options
 from .errors import LlavaLocalError
 
@@ -64,9 +66,13 @@ def main(debug: bool) -> None:
               help="llama.cpp pre-tokenizer name for a BPE tokenizer the converter does not recognise.")
 @click.option("--onnx", is_flag=True,
               help="Also export the exact vision encoder (CLIP + projector) as <name>-vision.onnx + sidecar.")
+@click.option("--quantize", "qtype", default=None, metavar="TYPE",
+              help="Then quantize the LLM (Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16); the manifest names it.")
+@click.option("--keep-unquantized/--no-keep-unquantized", default=True, show_default=True,
+              help="With --quantize: keep the --outtype LLM file too.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each step.")
 @domain_errors
-def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onnx, verbose):
+def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onnx, qtype, keep_unquantized, verbose):
     """Convert a LLaVA checkpoint into an LLM GGUF, an mmproj GGUF and a manifest.
 
     Reads the llava-hf layout (LlavaForConditionalGeneration, also what `llava-local train`
@@ -77,6 +83,7 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
       llava-local convert ./llava-1.5-7b-hf -o out/
       llava-local convert ./llava-v1.5-7b --vision-tower ./clip-vit-large-patch14-336 -o out/ --outtype f32
       llava-local convert ./llava-1.5-7b-hf -o out/ --onnx
+      llava-local convert ./llava-1.5-7b-hf -o out/ --quantize Q4_K_M
     """
     _setup_logging(verbose)
     from convert import convert as do_convert
@@ -85,11 +92,14 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
     bar = tqdm(desc="writing tensors", unit="tensor", file=sys.stderr, disable=None)
     try:
         result = do_convert(checkpoint, out_dir, outtype=outtype, vision_tower=vision_tower, name=name,
-                            tokenizer_pre=tokenizer_pre, progress=lambda _name: bar.update(1), onnx=onnx)
+                            tokenizer_pre=tokenizer_pre, progress=lambda _name: bar.update(1), onnx=onnx,
+                            quantize=qtype, keep_unquantized=keep_unquantized)
     finally:
         bar.close()
     for p in (result.llm_path, result.mmproj_path, result.manifest_path):
         click.echo(str(p))
+    if result.manifest.get("llm_unquantized"):
+        click.echo(str(result.manifest_path.parent / result.manifest["llm_unquantized"]))
     for key in ("model", "sidecar"):
         if "onnx" in result.manifest:
             click.echo(str(result.manifest_path.parent / result.manifest["onnx"][key]))
@@ -115,6 +125,9 @@ def run(images, prompt, as_json, **kw):
 
 
 main.add_command(chat)
+main.add_command(caption)
+main.add_command(quantize)
+main.add_command(eval_quant)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,14 @@ BACKEND_PREFERENCE = ("torch", "onnx", "mtmd")   # "auto": exact backends first 
 class Engine:
     def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int | None = None, n_gpu_layers: int = 0,
                  vision_device: str = "cpu", threads: int | None = None, template: str | None = None,
-                 all_logits: bool = False, precise: bool = False, verbose: bool = False):
+                 all_logits: bool = False, precise: bool = False, n_seq_max: int = 1, verbose: bool = False):
         self.pair = pair
         if n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
             n_ctx = min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
         check_context(pair, n_ctx)
         self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)  # training layout
         self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                            all_logits=all_logits, precise=precise, verbose=verbose)
+                            all_logits=all_logits, precise=precise, n_seq_max=n_seq_max, verbose=verbose)
         self.vision = self._make_backend(vision_backend, vision_device=vision_device, threads=threads, verbose=verbose)
         bos = self.llm.bos
         self.format = choose_format(override=template, gguf_template=pair.chat_template, named=pair.template_name,

@@ -42,6 +42,21 @@ def _on_native_log(level: int, text: bytes, _user) -> None:
 _native_log_cb = None  # keep the ctypes callback alive for the life of the process
 
 
+def _extra_buffer_types_allowed() -> bool:
+    """llama.cpp's extra CPU buffer types repack quantized weights (AVX2/NEON repack, Intel AMX).
+    On CPUs that advertise AMX, a VM may still refuse the tile instructions and llama.cpp dies with
+    SIGILL on the first multi-token batch of a quantized model; so where AMX is advertised the extra
+    buffer types stay off unless LLAVA_LOCAL_EXTRA_BUFTS=1 (slower, never a crash)."""
+    env = os.environ.get("LLAVA_LOCAL_EXTRA_BUFTS")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return "amx_tile" not in f.read(1 << 20)
+    except OSError:  # not Linux: no AMX question
+        return True
+
+
 def llama_cpp_lib(verbose: bool = False):
     """Import llama_cpp's C bindings once; llama.cpp's own log goes to stderr only when `verbose`."""
     global _backend_ready, _show_native_log, _native_log_cb
@@ -70,6 +85,7 @@ class LlamaLLM:
         self.path = Path(path)
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = _extra_buffer_types_allowed()
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelFilesError(f"{self.path}: llama.cpp could not load the model (run with --verbose for its log)")

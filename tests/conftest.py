@@ -77,6 +77,17 @@ def reference_image_features(model, pixels: np.ndarray) -> np.ndarray:
     return f.reshape(pixels.shape[0], -1, f.shape[-1]).numpy()
 
 
+def assert_one_line_error(res, *needles) -> str:
+    """A CLI failure as RELIABILITY.md wants it: exit 1, one `Error: ...` line, no traceback."""
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)

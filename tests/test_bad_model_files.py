@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import assert_one_line_error
 from llava_local.cli import main
 from llava_local.errors import ContextOverflowError, ModelFilesError
 from llava_local.model_pair import resolve_pair
@@ -25,16 +26,6 @@ from llava_local.model_pair import resolve_pair
 
 def run_cli(*args):
     return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_one_line_error(res, *needles):
-    assert res.exit_code == 1, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def copy_pair(pair, dst: Path) -> tuple[Path, Path]:
