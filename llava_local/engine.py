@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
 DEFAULT_CTX = 4096
 EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576 x 4096 fp32 = 9 MB each)
-BACKEND_PREFERENCE = ("torch", "onnx", "mtmd")   # "auto": exact backends first (onnx only where exported)
+# "auto": exact backends first — our ggml graph (same kernels as llama.cpp: CPU/CUDA/Metal), then
+# PyTorch, then ONNX (only where exported), then llama.cpp's own (inexact, upstream #25814) graph
+BACKEND_PREFERENCE = ("native", "torch", "onnx", "mtmd")
 
 
 class Engine:
@@ -67,7 +69,8 @@ class Engine:
             except BackendUnavailableError as exc:
                 if name != "auto":
                     raise
-                log.info("vision backend %s unavailable: %s", n, exc)
+                # the native encoder is expected: say why it is not used (the others are optional)
+                (log.warning if n == "native" else log.info)("vision backend %s unavailable, trying the next: %s", n, exc)
                 errors.append(str(exc))
         raise BackendUnavailableError("no vision backend can run here: " + "; ".join(errors))
 

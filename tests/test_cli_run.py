@@ -40,7 +40,7 @@ def test_json_output_has_timings_and_counts(model_dir, sample_png):
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)
     assert rec["n_tokens"] == 5 and rec["finish_reason"] == "length"
-    assert rec["n_prompt_tokens"] > 16 and rec["timings"]["vision_backend"] == "torch"
+    assert rec["n_prompt_tokens"] > 16 and rec["timings"]["vision_backend"] == "native"   # auto: native first
     assert set(rec["timings"]) >= {"image_load_s", "encode_s", "prefill_s", "decode_s", "decode_tok_per_s"}
 
 

@@ -9,6 +9,7 @@ feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one
 | torch | PyTorch (transformers CLIPVisionModel), fp32     | exact (reference)  |
 | mtmd  | llama.cpp's clip graph through libmtmd (CPU/GPU) | no: upstream #25814 |
 | onnx  | onnxruntime (CPU, CUDA, CoreML), from `convert --onnx` | exact (fp32)    |
+| native | our ggml graph (native/), CPU/CUDA/Metal as llama.cpp was built | exact |
 """
 from __future__ import annotations
 

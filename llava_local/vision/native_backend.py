@@ -37,11 +37,12 @@ ERR_LEN = 2048
 OK, ERR_ARGUMENT, ERR_FILE, ERR_MODEL, ERR_BACKEND, ERR_COMPUTE = range(6)
 
 
-class NativeParams(ctypes.Structure):
-    _fields_ = [("n_threads", ctypes.c_int32),   # <= 0: all hardware threads
-                ("use_gpu", ctypes.c_int32),     # first GPU ggml has, else CPU
-                ("max_batch", ctypes.c_int32),   # images per graph
-                ("flash_attn", ctypes.c_int32)]  # fused attention (not exact to 1e-4 with F16 K/V on GPU)
+class NativeParams(ctypes.Structure):  # struct llava_vision_params; see the header for each field
+    _fields_ = [("n_threads", ctypes.c_int32),
+                ("use_gpu", ctypes.c_int32),
+                ("max_batch", ctypes.c_int32),
+                ("flash_attn", ctypes.c_int32),
+                ("cpu_f32_weights", ctypes.c_int32)]
 
 
 def library_path() -> Path:
@@ -77,15 +78,17 @@ def load_library() -> ctypes.CDLL:
     lib.llava_vision_default_params.argtypes = []
     lib.llava_vision_init_from_file.restype = ctx_p
     lib.llava_vision_init_from_file.argtypes = [c.c_char_p, NativeParams, err_p, c.c_size_t]
+    lib.llava_vision_init_status.restype = c.c_int32
+    lib.llava_vision_init_status.argtypes = []
     lib.llava_vision_encode_batch.restype = c.c_int32
     lib.llava_vision_encode_batch.argtypes = [ctx_p, c.POINTER(c.c_float), c.c_int32, c.POINTER(c.c_float),
                                               err_p, c.c_size_t]
     lib.llava_vision_free.restype = None
     lib.llava_vision_free.argtypes = [ctx_p]
-    for name in ("n_tokens", "n_embd", "image_size", "n_layers", "max_batch"):
+    for name in ("n_tokens", "n_embd", "image_size", "n_layers", "max_batch", "flash_attn"):
         fn = getattr(lib, "llava_vision_" + name)
         fn.restype, fn.argtypes = c.c_int32, [ctx_p]
-    for name in ("backend_name", "weight_type"):
+    for name in ("backend_name", "weight_type", "file_type"):
         fn = getattr(lib, "llava_vision_" + name)
         fn.restype, fn.argtypes = c.c_char_p, [ctx_p]
     _LIB = lib
@@ -96,19 +99,22 @@ def load_library() -> ctypes.CDLL:
 class NativeBackend(VisionBackend):
     exact = True
 
-    def __init__(self, mmproj, *, device: str = "cpu", threads: int | None = None, max_batch: int = 8,
-                 flash_attn: bool = False, **_):
+    def __init__(self, mmproj, *, device: str = "cpu", vision_device: str | None = None, threads: int | None = None,
+                 max_batch: int = 8, flash_attn: bool | None = None, cpu_f32_weights: bool = True, **_):
         super().__init__(mmproj)
+        device = vision_device or device  # the engine passes vision_device
         self._lib = lib = load_library()
         params = lib.llava_vision_default_params()
         params.n_threads = int(threads or 0)
         params.use_gpu = int(device == "gpu")
         params.max_batch = int(max_batch)
-        params.flash_attn = int(flash_attn)
+        params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        params.cpu_f32_weights = int(cpu_f32_weights)
         err = ctypes.create_string_buffer(ERR_LEN)
+        self.device_name = "GPU" if device == "gpu" else "CPU"
         self.ctx = lib.llava_vision_init_from_file(os.fsencode(str(mmproj.path)), params, err, ERR_LEN)
         if not self.ctx:
-            raise ModelFilesError(f"native encoder: {err.value.decode(errors='replace')}")
+            self._raise(lib.llava_vision_init_status(), err.value.decode(errors="replace"))
         got = (lib.llava_vision_n_tokens(self.ctx), lib.llava_vision_n_embd(self.ctx),
                lib.llava_vision_image_size(self.ctx))
         want = (self.n_tokens, self.n_embd, mmproj.image_size)
@@ -118,8 +124,9 @@ class NativeBackend(VisionBackend):
                                   f"the Python reader {want}")
         self.max_batch = lib.llava_vision_max_batch(self.ctx)
         self.device_name = lib.llava_vision_backend_name(self.ctx).decode()
-        log.info("native vision encoder on %s, %s weights, %d layers", self.device_name,
-                 lib.llava_vision_weight_type(self.ctx).decode(), lib.llava_vision_n_layers(self.ctx))
+        log.info("native vision encoder on %s: %d layers, %s weights (%s in the file), flash attention %s",
+                 self.device_name, lib.llava_vision_n_layers(self.ctx), lib.llava_vision_weight_type(self.ctx).decode(),
+                 lib.llava_vision_file_type(self.ctx).decode(), "on" if lib.llava_vision_flash_attn(self.ctx) else "off")
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) normalised pixels -> (B, n_tokens, n_embd), in graphs of up to max_batch images."""
@@ -138,15 +145,18 @@ class NativeBackend(VisionBackend):
             rc = self._lib.llava_vision_encode_batch(self.ctx, src.ctypes.data_as(fp), src.shape[0],
                                                      dst.ctypes.data_as(fp), err, ERR_LEN)
             if rc != OK:
-                self._raise(rc, err.value.decode(errors="replace"))
+                msg = err.value.decode(errors="replace")
+                self._raise(rc, f"{self.mmproj.path}: {msg}" if rc == ERR_COMPUTE else msg)
         return out
 
     def _raise(self, rc: int, msg: str):
+        """An llava_vision_status as the library's error: bad files are the user's to fix; a device
+        that cannot take the model (out of memory) is a backend that cannot run here."""
         if rc == ERR_ARGUMENT:
             raise ValueError(f"native encoder: {msg}")
         if rc == ERR_BACKEND:
             raise BackendUnavailableError(f"native encoder on {self.device_name}: {msg}")
-        raise ModelFilesError(f"{self.mmproj.path}: native encoder: {msg}")
+        raise ModelFilesError(f"native encoder: {msg}")
 
     def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.encode_pixels(preprocess_batch(images, self.preprocess_config))
