@@ -59,8 +59,10 @@ def test_repl_session_in_a_terminal(repl):
     # a long answer, stopped with Ctrl-C once it is streaming
     child.sendline("/set max-tokens 1500")
     child.expect_exact(PROMPT)
-    child.sendline("Now describe everything at great length.")
-    child.expect(r"\S{3,}")                    # the answer has started
+    long_q = "Now describe everything at great length."
+    child.sendline(long_q)
+    child.expect_exact(long_q)                  # the terminal's echo of what we typed
+    child.expect(r"\S{3,}")                    # then the answer has started streaming
     child.sendintr()
     child.expect(r"\[answer stopped\]")
     child.expect_exact(PROMPT)
