@@ -14,6 +14,7 @@ import click
 
 from .caption_cli import caption
 from .chat_cli import chat
+from .eval_cli import datagen, eval_cmd
 from .quantize_cli import eval_quant, quantize
 from .cli_options import model_options, sampling_options
 from .errors import LlavaLocalError
@@ -128,6 +129,8 @@ main.add_command(chat)
 main.add_command(caption)
 main.add_command(quantize)
 main.add_command(eval_quant)
+main.add_command(eval_cmd)
+main.add_command(datagen)
 
 
 if __name__ == "__main__":

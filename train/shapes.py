@@ -14,6 +14,10 @@ Kinds (the paper's three: conversation, detailed description, complex reasoning)
 - conversation: "colour", "shape", "count", "position" (the four evaluated kinds)
 - "description": "Describe the image in detail." -> one sentence per shape
 - "reasoning": relations between shapes ("What shape is left of the red one?")
+
+The questions about one image are stored as one LLaVA record with `"independent_turns": true`
+(an extension train/data.py understands): each turn is trained as its own single-turn
+conversation, since in a real multi-turn context the questions would leak each other's answers.
 """
 from __future__ import annotations
 
@@ -67,9 +71,9 @@ class Scene:
     shapes: tuple[Shape, ...]         # in reading order (cell order)
     seed: int                         # renders the same pixels again (colour jitter)
 
-    def signature(self) -> tuple:
+    def signature(self) -> str:
         """What the questions depend on: equal signatures are the same scene for evaluation."""
-        return (self.background,) + tuple((s.shape, s.colour, s.cell) for s in self.shapes)
+        return "|".join([self.background] + [f"{s.colour} {s.shape} {s.cell}" for s in self.shapes])
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,7 @@ class ShapesSplit:
     captions: Path        # stage 1: one image-caption pair per image (LLaVA JSON)
     instruct: Path        # stage 2: multi-turn instruction conversations (LLaVA JSON)
     text: Path            # text-only conversations (no image): the demo LLM's language warm-up
+    scenes: Path          # [{"image", "scene"}] of the training images (boxes included), for CLIP pre-training
     eval: Path            # held-out single questions: [{"id","image","kind","question","answer"}]
 
 
@@ -281,6 +286,10 @@ def _llava_record(rid: str, image: str | None, qas: list[QA], rng: random.Random
         conv.append({"from": "human", "value": _human(qa.question, i == 0 and image is not None, rng)})
         conv.append({"from": "gpt", "value": qa.answer})
     rec = {"id": rid, "conversations": conv}
+    if len(qas) > 1:
+        # the questions give each other away ("Where is the red circle?" answers "What colour is the
+        # circle?"): trained as separate single-turn conversations sharing the image (train/data.py)
+        rec["independent_turns"] = True
     if image is not None:
         rec["image"] = image
     return rec
@@ -310,7 +319,7 @@ def eval_records(n_images: int, seed: int = 0) -> list[dict]:
                 continue
             qa = rng.choice(cands)
             out.append({"id": f"eval-{j}-{kind}", "image": f"images/eval-{j:06d}.png", "kind": kind,
-                        "question": qa.question, "answer": qa.answer, "signature": list(sc.signature()),
+                        "question": qa.question, "answer": qa.answer, "signature": sc.signature(),
                         "scene": asdict(sc)})
     return out
 
@@ -337,8 +346,8 @@ def write_dataset(out: str | os.PathLike, *, n_train: int, n_eval: int, seed: in
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     evals = eval_records(n_eval, seed)
-    held_out = {tuple(r["signature"]) for r in evals}
-    captions, instruct, text = [], [], []
+    held_out = {r["signature"] for r in evals}
+    captions, instruct, text, scenes = [], [], [], []
     i = 0
     while len(captions) < n_train:
         sc = random_scene(rng)
@@ -346,6 +355,7 @@ def write_dataset(out: str | os.PathLike, *, n_train: int, n_eval: int, seed: in
             continue
         name = f"images/train-{i:06d}.png"
         render(sc).save(root / name, optimize=False, compress_level=1)
+        scenes.append({"image": name, "scene": asdict(sc)})
         captions.append(_llava_record(f"cap-{i}", name, [QA("caption", _pick(
             rng, "Describe the image briefly.", "Give a short caption.", "What is in the picture?"), caption(sc))], rng))
         instruct.append(_llava_record(f"conv-{i}", name, conversation(sc, rng, rng.randint(*turns)), rng))
@@ -355,7 +365,9 @@ def write_dataset(out: str | os.PathLike, *, n_train: int, n_eval: int, seed: in
         qas = conversation(sc, rng, rng.randint(*turns))
         text.append(_llava_record(f"text-{j}", None, [QA("caption", "Describe a picture briefly.", caption(sc))] + qas, rng))
     write_eval_images(evals, root)
-    split = ShapesSplit(root, root / "captions.json", root / "instruct.json", root / "text.json", root / "eval.json")
+    split = ShapesSplit(root, root / "captions.json", root / "instruct.json", root / "text.json",
+                        root / "scenes.json", root / "eval.json")
+    _write_json(split.scenes, scenes)
     _write_json(split.captions, captions)
     _write_json(split.instruct, instruct)
     _write_json(split.text, text)

@@ -1,0 +1,221 @@
+"""Build the embedded "shapes" demo model from nothing, on CPU: the default model of llava-local.
+
+    python -m train.demo_model --out llava_local/data/demo          # `make demo-model`; ~15 min on 2 cores
+    python bench/eval_shapes.py                                     # its exact-match accuracy via llama.cpp
+
+Steps (all in a work directory, default .cache/demo-build):
+1. the shapes world: training images with captions and instruction conversations, and the held-out
+   evaluation scenes (shapes.py);
+2. a tiny CLIP vision tower, trained contrastively on shapes captions (clip_pretrain.py);
+3. a tiny Llama-architecture LLM with SmolLM2's tokenizer (49152 tokens, tied embeddings, so the
+   quantized file stays a few MB), randomly initialised;
+4. language warm-up of the LLM on text-only conversations. A deviation from the paper, which starts
+   from a pretrained Vicuna: no pretrained LLM is available here, and stage 1 with a random frozen
+   LLM would align the image features to nothing;
+5. stage 1 (projector only, captions) and stage 2 (projector + LLM, instruction conversations), the
+   paper's recipe through the same loop as `llava-local train`. Learning rates are higher than the
+   paper's 2e-3 / 2e-5 because this LLM is tiny and barely trained;
+6. conversion (convert/), quantization of the LLM to Q8_0, and a few sample images.
+
+Outputs in --out: `shapes-demo-llm-Q8_0.gguf`, `shapes-demo-mmproj-F16.gguf`, `shapes-demo.manifest.json`;
+sample PNGs in llava_local/data/samples/ (--samples).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .clip_pretrain import ClipConfig, train_clip
+from .config import Stage1Config, Stage2Config
+from .loop import train
+from .model import write_output_vocab, zero_rows_outside
+from .shapes import random_scene, render, write_dataset
+from .tokenizer import copy_tokenizer_files, tokenizer_from_gguf
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_GGUF = Path(os.environ.get("LLAVA_LOCAL_SMOLLM2",
+                                   REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+NAME = "shapes-demo"
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    n_train: int = 4000            # training images, each with a caption and a 3-6 turn conversation
+    n_eval: int = 100              # held-out images: 4-5 questions each (bench/eval_shapes.py)
+    n_text: int = 1000             # text-only conversations for the language warm-up
+    min_turns: int = 6             # questions per conversation: more turns share one image's and the
+    max_turns: int = 10            # system prompt's tokens
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    llm_hidden: int = 192          # 49152 x 192 tied embeddings: ~10 MB at Q8_0
+    llm_layers: int = 4
+    llm_heads: int = 6
+    llm_kv_heads: int = 2
+    llm_ffn: int = 512
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 3e-3
+    stage1_epochs: float = 0.5     # half the captions: the projector aligns quickly
+    stage1_lr: float = 2e-3        # the paper's stage-1 rate
+    stage2_epochs: float = 1.0
+    stage2_lr: float = 3e-3        # paper: 2e-5 for a pretrained 7B LLM; this one is tiny and barely trained
+    batch_size: int = 8            # small batches, many steps: a tiny model learns more per FLOP
+    micro_batch_size: int = 8
+    qtype: str = "Q8_0"
+    threads: int = 2
+
+
+def language_vocab(json_paths: list[Path], tok_dir: Path) -> list[int]:
+    """Every token id the shapes data produces, through both templates (and EOS)."""
+    from llava_local.templates import get_template
+
+    from .data import encode, to_messages
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(tok_dir)
+    ids = {tok.eos_id} | ({tok.bos_id} if tok.bos_id is not None else set())
+    for path in json_paths:
+        for rec in json.loads(Path(path).read_text()):
+            for name in ("vicuna_v1", "plain"):
+                t = get_template(name)
+                msgs = to_messages(rec["conversations"], template=t, has_image="image" in rec)
+                ids.update(i for i in encode(msgs, t, tok, 1)[0] if i >= 0)
+    return sorted(ids)
+
+
+def make_llm(out: Path, tok_dir: Path, cfg: DemoConfig, vocab: list[int]) -> Path:
+    """A random tiny Llama with SmolLM2's vocabulary, saved as an HF dir with the tokenizer. Only the
+    `vocab` rows of its (tied) embedding are non-zero: the shapes language uses a few hundred of the
+    49152 tokens, and output_vocab.json lets training skip the rest exactly (model.LlavaForTraining)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(cfg.seed)
+    tcfg = LlamaConfig(hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_ffn, num_hidden_layers=cfg.llm_layers,
+                       num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads, vocab_size=49152,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(tcfg)
+    zero_rows_outside(model, vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    copy_tokenizer_files(tok_dir, out)
+    write_output_vocab(out, vocab)
+    return out
+
+
+def write_samples(out: Path, seed: int, n: int = 4) -> list[Path]:
+    """A few sample images (not from the evaluation split) to try the model on."""
+    import random
+    rng = random.Random(seed + 7)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        while True:
+            sc = random_scene(rng)
+            if len(sc.shapes) == (i % 4) + 1:
+                break
+        p = out / f"shapes-{i + 1}.png"
+        render(sc).save(p, optimize=True)
+        paths.append(p)
+    return paths
+
+
+def package(ckpt: Path, out: Path, work: Path, qtype: str, held_out: dict) -> dict:
+    """Convert, quantize the LLM, and put the pair with its manifest into `out`."""
+    from convert import convert
+    from convert.quantize import quantize
+    f32 = convert(ckpt, work / "gguf-f32", outtype="f32", name=NAME)
+    f16 = convert(ckpt, work / "gguf-f16", outtype="f16", name=NAME)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{NAME}*"):
+        old.unlink()
+    llm = quantize(f32.llm_path, out / f"{NAME}-llm-{qtype}.gguf", qtype)
+    mmproj = out / f16.mmproj_path.name
+    shutil.copy(f16.mmproj_path, mmproj)
+    manifest = dict(f16.manifest)
+    manifest.update(llm=llm.name, mmproj=mmproj.name, outtype=f"{qtype} (LLM), f16 (mmproj)",
+                    source={"path": "python -m train.demo_model", "layout": "llava-hf"},
+                    shapes_eval=held_out)   # bench/eval_shapes.py evaluates on these held-out scenes
+    (out / f"{NAME}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def build(out: Path, work: Path, samples: Path | None, cfg: DemoConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    times = {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.perf_counter() - t0 - sum(times.values()), 1)
+        log.info("== %s done in %.1fs (total %.1fs)", name, times[name], time.perf_counter() - t0)
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = tokenizer_from_gguf(SMOLLM2_GGUF, work / "tokenizer")
+    split = write_dataset(work / "shapes", n_train=cfg.n_train, n_eval=cfg.n_eval, n_text=cfg.n_text, seed=cfg.seed,
+                          turns=(cfg.min_turns, cfg.max_turns))
+    lap("data")
+    clip_dir = train_clip(json.loads(split.scenes.read_text()), split.root, work / "clip", cfg.clip)
+    lap("clip")
+    vocab = language_vocab([split.captions, split.instruct, split.text], tok_dir)
+    llm_dir = make_llm(work / "llm", tok_dir, cfg, vocab)
+    common = dict(micro_batch_size=cfg.micro_batch_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                  threads=cfg.threads, log_every=50)
+    start = dict(vision_tower=str(clip_dir), llm=str(llm_dir))
+    if cfg.n_text:
+        train(Stage2Config(data=str(split.text), out=str(work / "warmup"), epochs=cfg.warmup_epochs,
+                           lr=cfg.warmup_lr, **start, **common))
+        start = dict(model=str(work / "warmup"))
+        lap("warmup")
+    train(Stage1Config(data=str(split.captions), out=str(work / "stage1"), epochs=cfg.stage1_epochs,
+                       lr=cfg.stage1_lr, **start, **common))
+    lap("stage1")
+    train(Stage2Config(data=str(split.instruct), out=str(work / "stage2"), model=str(work / "stage1"),
+                       epochs=cfg.stage2_epochs, lr=cfg.stage2_lr, **common))
+    lap("stage2")
+    manifest = package(work / "stage2", out, work, cfg.qtype, {"seed": cfg.seed, "n_images": cfg.n_eval})
+    if samples is not None:
+        write_samples(samples, cfg.seed)
+    lap("package")
+    size = sum(p.stat().st_size for p in out.glob(f"{NAME}*")) / 1e6
+    report = {"seconds": round(time.perf_counter() - t0, 1), "steps": times, "size_mb": round(size, 2),
+              "config": dataclasses.asdict(cfg)}
+    (work / "build_report.json").write_text(json.dumps(report, indent=1))
+    log.info("demo model in %s: %.1f MB, built in %.0fs", out, size, report["seconds"])
+    return report
+
+
+def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="Build the shapes demo model from nothing (CPU).")
+    ap.add_argument("--out", default=str(REPO / "llava_local" / "data" / "demo"))
+    ap.add_argument("--work", default=str(REPO / ".cache" / "demo-build"), help="intermediate files")
+    ap.add_argument("--samples", default=str(REPO / "llava_local" / "data" / "samples"),
+                    help="where to write sample images ('' for none)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a DemoConfig field, e.g. --set stage2_epochs=1 --set clip.steps=100")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = DemoConfig()
+    for item in a.set:
+        key, _, value = item.partition("=")
+        target = cfg
+        *path, last = key.split(".")
+        for p in path:
+            target = getattr(target, p)
+        kind = type(getattr(target, last))
+        setattr(target, last, kind(value))
+    report = build(Path(a.out), Path(a.work), Path(a.samples) if a.samples else None, cfg)
+    print(json.dumps({k: report[k] for k in ("seconds", "steps", "size_mb")}))
+
+
+if __name__ == "__main__":
+    main()

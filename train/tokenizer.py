@@ -1,0 +1,77 @@
+"""The tokenizer of a checkpoint, and the two facts training needs from it: does it add BOS, and
+which id ends a turn. The ids it produces must equal llama.cpp's for the converted model
+(tests/test_train_data.py checks this through `LlamaLLM.tokenize`).
+
+    tok = load_tokenizer("checkpoints/stage1")          # a dir with tokenizer.json
+    tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "tok/")   # unpack a GGUF's vocabulary once
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class TextTokenizer:
+    hf: object                       # transformers PreTrainedTokenizerBase
+    bos_id: int | None               # None: the tokenizer adds no BOS (SmolLM2, many BPE vocabularies)
+    eos_id: int                      # appended after every assistant turn (templates.Segment.eos)
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids with no BOS/EOS: the `tokenize` that templates.tokenize_segments expects."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def encode_fn(self) -> Callable[[str], list[int]]:
+        return self.encode
+
+
+def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if path.suffix == ".gguf":
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        hf = AutoTokenizer.from_pretrained(str(path))
+    probe = hf("a", add_special_tokens=True)["input_ids"]
+    bos = hf.bos_token_id if hf.bos_token_id is not None and probe and probe[0] == hf.bos_token_id else None
+    if hf.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token (needed to end assistant turns)")
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return TextTokenizer(hf, bos, int(hf.eos_token_id), int(pad))
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+    """Copy the tokenizer files a checkpoint needs (the converter reads them from the checkpoint dir)."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    found = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+            found = True
+    if not found:
+        raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def tokenizer_from_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Unpack a GGUF's vocabulary into tokenizer.json/tokenizer_config.json (once; atomic)."""
+    from transformers import AutoTokenizer
+    gguf_path, out = Path(gguf_path), Path(out_dir)
+    if (out / "tokenizer.json").is_file():
+        return out
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: GGUF not found")
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "chat_template.jinja").unlink(missing_ok=True)   # the LLaVA template is written by the converter
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
