@@ -16,6 +16,7 @@ from .caption_cli import caption
 from .chat_cli import chat
 from .eval_cli import datagen, eval_cmd
 from .quantize_cli import eval_quant, quantize
+from train.cli import train as train_group   # train/ installs with the package (light import: torch loads lazily)
 from .cli_options import model_options, sampling_options
 from .errors import LlavaLocalError
 
@@ -131,6 +132,7 @@ main.add_command(quantize)
 main.add_command(eval_quant)
 main.add_command(eval_cmd)
 main.add_command(datagen)
+main.add_command(train_group, name="train")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,13 @@ def test_bad_input_is_one_error_line(tmp_path):
     res = CliRunner().invoke(train, ["stage2", "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1
     assert res.output.startswith("Error: ") and "Traceback" not in res.output
+
+
+def test_train_is_a_subcommand_of_llava_local():
+    from click.testing import CliRunner
+
+    from llava_local.cli import main
+    res = CliRunner().invoke(main, ["train", "--help"])
+    assert res.exit_code == 0 and "stage1" in res.output and "stage2" in res.output
+    res = CliRunner().invoke(main, ["train", "stage1", "--help"])
+    assert res.exit_code == 0 and "2e-3" in res.output.replace("0.002", "2e-3")
