@@ -84,6 +84,8 @@ def bench_caption(pair, image_dir: Path, work: Path, *, parallel: int, args) -> 
 
 class PlainLoop:
     def __init__(self, pair, args):
+        from llama_cpp_python_baseline import use_same_cpu_buffers_as_llava_local
+        use_same_cpu_buffers_as_llava_local()
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Llava15ChatHandler
         t0 = time.perf_counter()

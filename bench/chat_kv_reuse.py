@@ -53,29 +53,9 @@ def run_ours(pair, image, turns: int, max_tokens: int, backend: str, threads: in
         eng.close()
 
 
-def _same_cpu_buffers_as_ours() -> None:
-    """llama-cpp-python's `Llama` takes llama.cpp's default model params; give it the same
-    extra-buffer-type choice as our LlamaLLM (off where AMX is advertised: SIGILL in some VMs)."""
-    import llama_cpp
-    from llava_local.llm import _extra_buffer_types_allowed
-    allowed = _extra_buffer_types_allowed()
-    original = llama_cpp.llama_model_default_params
-    if getattr(original, "_llava_local", False):
-        return
-
-    def params():
-        p = original()
-        p.use_extra_bufts = allowed
-        return p
-    params._llava_local = True
-    llama_cpp.llama_model_default_params = params
-    import llama_cpp.llama as llama_mod
-    if hasattr(llama_mod, "llama_cpp"):
-        llama_mod.llama_cpp.llama_model_default_params = params
-
-
 def run_llama_cpp_python(pair, image, turns: int, max_tokens: int, threads: int | None, n_ctx: int):
-    _same_cpu_buffers_as_ours()
+    from llama_cpp_python_baseline import use_same_cpu_buffers_as_llava_local
+    use_same_cpu_buffers_as_llava_local()
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
     buf = io.BytesIO()
