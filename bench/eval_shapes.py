@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,29 +32,11 @@ from train.shapes import EVAL_KINDS, eval_records, exact_match, write_eval_image
 DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"
 
 
-def disable_weight_repacking() -> None:
-    """Load quantized weights without llama.cpp's CPU "extra buffer types" (weight repacking).
-    Where the wheel was built with AMX (GGML_NATIVE on a Sapphire Rapids host) but the machine
-    cannot run AMX (some VMs), the repacked Q4/Q8 matmuls die with SIGILL; the plain CPU kernels
-    compute the same quantized products."""
-    import llama_cpp
-    default = llama_cpp.llama_model_default_params
-    if getattr(default, "_no_repack", False):
-        return
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    params._no_repack = True
-    llama_cpp.llama_model_default_params = params
-
-
 def evaluate(model: str | Path, *, n_images: int | None = None, seed: int | None = None,
              vision_backend: str = "torch", threads: int | None = None, progress: bool = True,
              repack: bool = False) -> dict:
-    if not repack:
-        disable_weight_repacking()
+    if repack:   # llava_local.llm decides by default (off where AMX is advertised: SIGILL in some VMs)
+        os.environ["LLAVA_LOCAL_EXTRA_BUFTS"] = "1"
     pair = resolve_pair(model)
     held_out = (pair.manifest or {}).get("shapes_eval", {})
     n_images = n_images or held_out.get("n_images", 100)
