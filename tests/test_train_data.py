@@ -149,3 +149,30 @@ def test_dataset_and_collate(tmp_path, tok):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="record 'x'.*unknown speaker"):
         LlavaDataset(DataConfig(tmp_path / "bad.json", tmp_path, get_template("vicuna_v1"), N_IMG, pp), tok)[0]
+
+
+def test_independent_turns_train_as_separate_conversations(tmp_path, tok, tiny_ckpt):
+    """A record with "independent_turns" packs its questions into one sequence; its summed loss must
+    equal the sum over the same questions asked as separate single-turn records (the turn mask hides
+    the other turns' answers, positions restart after the shared prefix)."""
+    from PIL import Image
+
+    from train.forward import LlavaForTraining
+    from train.model import load_llava
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(tmp_path / "a.png")
+    packed = {"id": "p", "image": "a.png", "conversations": THREE_TURNS, "independent_turns": True}
+    single = [{"id": f"s{j}", "image": "a.png", "conversations": THREE_TURNS[j:j + 2]} for j in range(0, 6, 2)]
+    (tmp_path / "p.json").write_text(json.dumps([packed]))
+    (tmp_path / "s.json").write_text(json.dumps(single))
+    pp = PreprocessConfig(image_size=56)
+    core = LlavaForTraining(load_llava(tiny_ckpt[1]).eval())
+
+    def loss(name: str) -> tuple[float, int]:
+        ds = LlavaDataset(DataConfig(tmp_path / name, tmp_path, get_template("vicuna_v1"), N_IMG, pp), tok)
+        batch = collate([ds[i] for i in range(len(ds))], pad_id=tok.pad_id)
+        with torch.no_grad():
+            return float(core(**batch)), n_targets(batch["labels"])
+
+    (lp, np_), (ls, ns) = loss("p.json"), loss("s.json")
+    assert np_ == ns == sum(len(t) for t in _answers_with_eos(tok, ["Red.", "3.", "Top left."]))
+    assert abs(lp - ls) < 1e-4 * abs(ls)

@@ -36,12 +36,14 @@ def test_demo_files_fit_the_repo_budget():
 
 def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
     """The shipped demo model answers through llama.cpp in the shapes language (short canonical
-    answers). Its accuracy is measured by bench/eval_shapes.py and reported, not asserted here: the
-    model shipped now scores below the issue's 90 % target (see README)."""
+    answers) and reads the image: on 12 held-out images it must beat what answering from the question
+    alone can reach (background colour and the total count, which it gets right every time in
+    bench/eval_shapes.py, need the image). Its full accuracy is measured by bench/eval_shapes.py
+    (README): below the issue's 90 % target."""
     from llava_local.engine import Engine
     from llava_local.model_pair import resolve_pair
     from llava_local.sampling import SamplingParams
-    records = eval_records(8, seed=0)[:32]           # 8 held-out images, every kind
+    records = eval_records(12, seed=0)               # 12 held-out images, every kind
     write_eval_images(records, tmp_path)
     engine = Engine(resolve_pair(DEMO), vision_backend="torch", n_ctx=512)
     try:
@@ -50,8 +52,11 @@ def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
     finally:
         engine.close()
     right = [exact_match(a, r["answer"]) for a, r in zip(answers, records)]
-    print(f"demo model: {sum(right)}/{len(right)} exact on 8 held-out images")
+    print(f"demo model: {sum(right)}/{len(right)} exact on 12 held-out images")
     assert all(a and a.endswith(".") and len(a.split()) <= 4 for a in answers), answers
+    global_questions = [ok for r, ok in zip(records, right)
+                        if r["question"].endswith("the background?") or r["question"].startswith("How many shapes")]
+    assert len(global_questions) >= 6 and all(global_questions)
 
 
 def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
@@ -67,7 +72,7 @@ def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
     report = build(tmp_path / "out", tmp_path / "work", tmp_path / "samples", cfg)
     assert set(report["steps"]) == {"data", "clip", "warmup", "stage1", "stage2", "package"}
     pair = resolve_pair(tmp_path / "out")
-    assert pair.llm.metadata["general.file_type"] == 7 and pair.image_tokens == 64
+    assert pair.llm.metadata["general.file_type"] == 7 and pair.image_tokens == 4
     vocab = json.loads((tmp_path / "work" / "stage2" / "output_vocab.json").read_text())["ids"]
     assert 50 < len(vocab) < 2000
     engine = Engine(pair, vision_backend="torch", n_ctx=512)

@@ -103,3 +103,31 @@ def test_exact_match_normalisation():
     assert exact_match("Top left!", "Top left.") and exact_match("An orange  square.", "an orange square")
     assert not exact_match("Top right.", "Top left.") and not exact_match("2.", "3.")
     assert not exact_match("", "Red.") and not exact_match("Red circle.", "Red.")
+
+
+def test_clip_pretraining_regions_and_twins():
+    """The tiny CLIP's region term: every patch belongs to exactly one grid cell, and a cell's phrase
+    names what is in it (or "nothing"), where, and on which background; a twin differs from its
+    scene in exactly one shape."""
+    import random
+    from dataclasses import asdict
+
+    from train.clip_pretrain import PHRASES, cell_patches, cell_phrase, twin
+    from train.shapes import random_scene
+    assert cell_patches(2) == [[0], [1], [2], [3]]
+    assert cell_patches(4)[0] == [0, 1, 4, 5] and cell_patches(4)[3] == [10, 11, 14, 15]
+    assert sorted(i for cell in cell_patches(4) for i in cell) == list(range(16))
+    rng = random.Random(3)
+    for _ in range(50):
+        scene = asdict(random_scene(rng))
+        phrases = [cell_phrase(scene, c) for c in range(4)]
+        assert all(p in PHRASES for p in phrases)
+        for s in scene["shapes"]:
+            assert phrases[s["cell"]].startswith(f"{s['colour']} {s['shape']} ")
+        assert sum(p.startswith("nothing") for p in phrases) == 4 - len(scene["shapes"])
+        assert all(p.endswith(f" on {scene['background']}") for p in phrases)
+        t = twin(scene, rng)
+        changed = [(a, b) for a, b in zip(scene["shapes"], t["shapes"]) if a != b]
+        assert len(changed) == 1 and changed[0][0]["shape"] != changed[0][1]["shape"]
+        assert {k: v for k, v in changed[0][0].items() if k != "shape"} == \
+               {k: v for k, v in changed[0][1].items() if k != "shape"}

@@ -6,14 +6,18 @@ downloaded here). The demo model's vision encoder; LLaVA keeps it frozen afterwa
 The image side is transformers' `CLIPVisionModel` (quick-GELU, pre-LN, CLS token: the exact
 architecture the converter and llama.cpp's clip graph expect), saved alone as a CLIPVisionModel
 directory. The text side is a small transformer over the words of the shapes language, used only
-here. The loss is CLIP's symmetric InfoNCE with a learned temperature.
-
-The captions name every shape with its colour and grid position, so matching an image to its
-caption among a batch of similar scenes needs colour, shape and place: the features the LLM later
-reads from layer -2.
+here. Two contrastive terms (CLIP's InfoNCE, one learned temperature):
+- global: the CLS embedding against the scene's caption, among the batch's captions;
+- region: every patch of layer -2 (what LLaVA feeds the LLM) against the phrase of the grid cell it
+  lies in ("red circle top left on white", "nothing bottom right on teal"), among all such phrases.
+  Without it, patches learn colours and layout but little of shape, and nothing of their place.
+Half of each batch are "twins" of the other half (one shape changed): hard negatives for the
+global term. The patch position embeddings start at std 0.5 instead of CLIP's 0.02, so that place
+is not learned last.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -30,25 +34,33 @@ from torch import nn
 from llava_local.images import load_image
 from llava_local.preprocess import PreprocessConfig, square_image
 
-from .shapes import POSITIONS
+from .shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, render, scene_from_dict
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ClipConfig:
-    image_size: int = 112          # 8x8 = 64 image tokens for the LLM
-    patch_size: int = 14
-    hidden_size: int = 96
-    layers: int = 3                # LLaVA reads layer -2: the last layer only serves this pre-training
+    image_size: int = 112          # 2x2 = 4 image tokens for the LLM: one per cell of the scene grid
+    patch_size: int = 56
+    hidden_size: int = 128
+    layers: int = 4                # LLaVA reads layer -2: the last layer only serves this pre-training
     heads: int = 4
     text_layers: int = 2
     embed_dim: int = 96            # shared image-text space (not kept: LLaVA uses the patch features)
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 128
+    position_init: float = 0.5     # std of the patch position embeddings at init
+    hard_negatives: float = 0.5    # fraction of each batch that are "twins": a batch scene with one shape changed
     lr: float = 2e-3
     warmup: int = 20
     seed: int = 0
+
+
+# what a cell of the scene can hold, where it is and on which background: "red circle top left on
+# white", "nothing top right on teal"; the patches of the cell are trained to say all of it
+PHRASES = [f"{what} {p} on {b}" for what in [f"{c} {k}" for c in COLOURS for k in SHAPES] + ["nothing"]
+           for p in POSITIONS for b in BACKGROUNDS]
 
 
 def clip_caption(scene: dict) -> str:
@@ -56,6 +68,15 @@ def clip_caption(scene: dict) -> str:
     parts = [f"{scene['background']} background"]
     parts += [f"{s['colour']} {s['shape']} {POSITIONS[s['cell']]}" for s in scene["shapes"]]
     return " . ".join(parts)
+
+
+def twin(scene: dict, rng: random.Random) -> dict:
+    """The scene with one object's shape changed: a hard negative that only that shape tells apart
+    (random batches of scenes differ in colours and layout long before they differ in shape)."""
+    s = copy.deepcopy(scene)
+    obj = rng.choice(s["shapes"])
+    obj["shape"] = rng.choice([k for k in SHAPES if k != obj["shape"]])
+    return s
 
 
 def _words(text: str) -> list[str]:
@@ -112,46 +133,92 @@ def normalize(batch_u8: torch.Tensor, pp: PreprocessConfig) -> torch.Tensor:
     return ((x - mean) / std).float()
 
 
+def cell_patches(grid: int) -> list[list[int]]:
+    """For each cell of the scene's 2x2 grid, the patch indices (row-major in the grid x grid patch
+    map) that lie in it: every shape lies inside its own cell."""
+    half = grid // 2
+    return [[r * grid + c for r in range(grid) for c in range(grid) if (r >= half) == (cell >= 2) and (c >= half) == (cell % 2 == 1)]
+            for cell in range(4)]
+
+
+def cell_phrase(scene: dict, cell: int) -> str:
+    shape = next((s for s in scene["shapes"] if s["cell"] == cell), None)
+    what = f"{shape['colour']} {shape['shape']}" if shape else "nothing"
+    return f"{what} {POSITIONS[cell]} on {scene['background']}"
+
+
+class ClipModel(nn.Module):
+    """The pre-training model: the vision tower plus what only pre-training needs."""
+
+    def __init__(self, cfg: ClipConfig, vocab: list[str]):
+        super().__init__()
+        from transformers import CLIPVisionModel
+        self.cfg = cfg
+        self.vision = CLIPVisionModel(vision_config(cfg))
+        with torch.no_grad():   # CLIP's init (std 0.02) leaves position 50x weaker than content: place is learned late
+            self.vision.embeddings.position_embedding.weight.normal_(std=cfg.position_init)
+        self.visual_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False)       # CLS -> shared space
+        self.region_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False)       # layer -2 regions -> same
+        self.text = TextEncoder(vocab, cfg.hidden_size, cfg.text_layers, cfg.heads, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def loss(self, x: torch.Tensor, scenes: list[dict]) -> tuple[torch.Tensor, float, float]:
+        """Global InfoNCE (CLS vs caption) + region InfoNCE (each layer -2 patch vs its cell's phrase,
+        against every phrase). Returns (loss, image->text accuracy, patch->phrase accuracy)."""
+        out = self.vision(pixel_values=x, output_hidden_states=True)
+        scale = self.logit_scale.exp().clamp(max=100)
+        img = F.normalize(self.visual_proj(out.pooler_output), dim=-1)                  # (B, E)
+        txt = F.normalize(self.text([clip_caption(s) for s in scenes]), dim=-1)          # (B, E)
+        logits = scale * img @ txt.T                                                     # (B, B)
+        labels = torch.arange(len(scenes))
+        global_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        patches = out.hidden_states[-2][:, 1:]                                           # (B, P, D): what LLaVA reads
+        grid = self.cfg.image_size // self.cfg.patch_size
+        cell_of = [next(c for c, idx in enumerate(cell_patches(grid)) if p in idx) for p in range(grid * grid)]
+        regions = patches.flatten(0, 1)                                                  # (B*P, D): every patch
+        targets = [PHRASES.index(cell_phrase(scene, c)) for scene in scenes for c in cell_of]
+        reg = F.normalize(self.region_proj(regions), dim=-1)                             # (B*P, E)
+        phr = F.normalize(self.text(PHRASES), dim=-1)                                    # (n_phrases, E)
+        region_logits = scale * reg @ phr.T
+        region_loss = F.cross_entropy(region_logits, torch.tensor(targets))
+        acc = float((logits.argmax(1) == labels).float().mean())
+        region_acc = float((region_logits.argmax(1) == torch.tensor(targets)).float().mean())
+        return global_loss + region_loss, acc, region_acc
+
+
 def train_clip(records: list[dict], image_folder: str | Path, out: str | Path, cfg: ClipConfig = ClipConfig()) -> Path:
     """Train on records of {"image": path, "scene": scene dict}; save a CLIPVisionModel dir at `out`."""
-    from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     pp = PreprocessConfig(image_size=cfg.image_size)
     pixels = load_pixels(records, Path(image_folder), pp)                          # (N, S, S, 3)
-    texts = [clip_caption(r["scene"]) for r in records]
-    vocab = sorted({w for t in texts for w in _words(t)})
-    vision = CLIPVisionModel(vision_config(cfg))
-    visual_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False)
-    text = TextEncoder(vocab, cfg.hidden_size, cfg.text_layers, cfg.heads, cfg.embed_dim)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = list(vision.parameters()) + list(visual_proj.parameters()) + list(text.parameters()) + [logit_scale]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.1)
+    vocab = sorted({w for r in records for w in _words(clip_caption(r["scene"]))} | {w for p in PHRASES for w in _words(p)})
+    model = ClipModel(cfg, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    labels = torch.arange(cfg.batch_size)
-    vision.train()
+    n_twins = int(cfg.batch_size * cfg.hard_negatives) // 2
+    model.train()
     for step in range(cfg.steps):
-        idx = rng.sample(range(len(records)), cfg.batch_size)
-        x = normalize(pixels[idx], pp)
-        img = F.normalize(visual_proj(vision(pixel_values=x).pooler_output), dim=-1)   # (B, E)
-        txt = F.normalize(text([texts[i] for i in idx]), dim=-1)                      # (B, E)
-        logits = logit_scale.exp().clamp(max=100) * img @ txt.T                       # (B, B)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        idx = rng.sample(range(len(records)), cfg.batch_size - n_twins)
+        twins = [twin(records[i]["scene"], rng) for i in idx[:n_twins]]
+        twin_pixels = [torch.from_numpy(np.array(square_image(render(scene_from_dict(t)), pp))) for t in twins]
+        x = normalize(torch.cat([pixels[idx]] + ([torch.stack(twin_pixels)] if twins else [])), pp)   # (B, 3, S, S)
+        loss, acc, region_acc = model.loss(x, [records[i]["scene"] for i in idx] + twins)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == cfg.steps - 1:
-            acc = float((logits.argmax(1) == labels).float().mean())
-            log.info("clip step %d/%d loss %.4f image->text acc %.3f", step + 1, cfg.steps, float(loss.detach()), acc)
+            log.info("clip step %d/%d loss %.4f image->text acc %.3f region acc %.3f", step + 1, cfg.steps,
+                     float(loss.detach()), acc, region_acc)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vision.eval().save_pretrained(str(out))
-    (out / "clip_pretrain.json").write_text(json.dumps({"config": cfg.__dict__, "final_loss": float(loss.detach())}, indent=1))
+    model.vision.eval().save_pretrained(str(out))
+    (out / "clip_pretrain.json").write_text(json.dumps({"config": cfg.__dict__, "steps": cfg.steps}, indent=1))
     return out
 
 

@@ -111,22 +111,30 @@ def encode_independent(conversations: list[dict], *, template: Template, tok: Te
                        n_image_tokens: int, max_len: int) -> Encoded:
     """A record whose turns are independent questions about one image ("independent_turns": true):
     trained exactly as that many single-turn conversations, sharing their common prefix (system
-    prompt and image). Each turn sees the prefix and itself, at the positions it would have alone
-    (the attention mask is built in collate), so no turn can read another's answer."""
-    if len(conversations) % 2:
+    prompt, image, and any context lines before the first question). Each turn sees the prefix and
+    itself, at the positions it would have alone (the attention mask is built in collate), so no
+    turn can read another's answer."""
+    if len(conversations) % 2 or len(conversations) < 2:
         raise ValueError("independent turns need human/gpt pairs")
-    pairs = [encode(to_messages(conversations[j:j + 2], template=template, has_image=has_image), template, tok,
-                    n_image_tokens) for j in range(0, len(conversations), 2)]
-    k = len(pairs[0][0])
-    for ids, _ in pairs[1:]:     # the longest common token prefix: causal states there are shared exactly
-        k = next((i for i, (a, b) in enumerate(zip(pairs[0][0][:k], ids)) if a != b), min(k, len(ids)))
+    # shared context: the lines of the first human turn before its question (the image goes first)
+    first = conversations[0].get("value", "")
+    first = first.replace(IMAGE_MARKER, "").strip() if has_image else first
+    context, _, question = first.rpartition("\n")
+    pairs = []
+    for j in range(0, len(conversations), 2):
+        q = question if j == 0 else conversations[j].get("value", "")
+        turn = [{"from": conversations[j].get("from"), "value": (context + "\n" if context else "") + q},
+                conversations[j + 1]]
+        pairs.append(encode(to_messages(turn, template=template, has_image=has_image), template, tok, n_image_tokens))
+    # the longest common token prefix (causal states there are shared exactly), ending before the
+    # token that precedes each turn's first label: every turn keeps an unlabelled first token,
+    # which no other turn predicts
+    k = min(next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX) - 1 for _, labels in pairs)
+    for ids, _ in pairs[1:]:
+        k = next((i for i, (a, b) in enumerate(zip(pairs[0][0][:k], ids)) if a != b), k)
     out = Encoded(list(pairs[0][0][:k]), list(pairs[0][1][:k]), [0] * k, list(range(k)))
-    if any(lab != IGNORE_INDEX for lab in out.labels):
-        raise ValueError("independent turns share a labelled prefix")
     for j, (ids, labels) in enumerate(pairs, start=1):
         suffix = ids[k:]
-        if not suffix or labels[k] != IGNORE_INDEX:    # the suffix's first token is predicted by no one
-            raise ValueError(f"turn {j} has nothing of its own before its answer")
         if len(out.ids) + len(suffix) > max_len:
             break                                       # whole turns only
         out.ids += suffix

@@ -91,7 +91,7 @@ def random_scene(rng: random.Random) -> Scene:
     half = RENDER_SIZE // 2
     shapes = []
     for cell in cells:
-        size = rng.randint(48, 84)                     # 24-42 px at the model's 112 px
+        size = rng.randint(72, 98)                     # 36-49 px (2.6-3.5 patches of 14 px) at the model's 112 px
         x0 = (cell % 2) * half + rng.randint(6, half - 6 - size)
         y0 = (cell // 2) * half + rng.randint(6, half - 6 - size)
         shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), cell, (x0, y0, x0 + size, y0 + size)))
@@ -153,6 +153,14 @@ def description(scene: Scene) -> str:
     n = len(scene.shapes)
     head = f"There {'is' if n == 1 else 'are'} {n} shape{'' if n == 1 else 's'} on {_article(scene.background)} background."
     return head + "".join(f" {_cap(_article(s.name))} is at the {POSITIONS[s.cell]}." for s in scene.shapes)
+
+
+def scene_text(scene: Scene) -> str:
+    """The scene as text, cell by cell: what the demo LLM reads before it ever sees an image
+    (its language warm-up teaches it to look things up in a description like this one)."""
+    cells = {s.cell: s for s in scene.shapes}
+    parts = [f"{_cap(p)}: {_article(cells[i].name) if i in cells else 'nothing'}." for i, p in enumerate(POSITIONS)]
+    return " ".join(parts) + f" Background: {scene.background}."
 
 
 def _pick(rng: random.Random, *variants: str) -> str:
@@ -269,7 +277,7 @@ class ShapesSplit:
     root: Path
     captions: Path        # stage 1: one image-caption pair per image (LLaVA JSON)
     instruct: Path        # stage 2: multi-turn instruction conversations (LLaVA JSON)
-    text: Path            # text-only conversations (no image): the demo LLM's language warm-up
+    text: Path            # text-only: the scene written out (scene_text), then questions: the LLM warm-up
     scenes: Path          # [{"image", "scene"}] of the training images (boxes included), for CLIP pre-training
     eval: Path            # held-out single questions: [{"id","image","kind","question","answer"}]
 
@@ -360,10 +368,12 @@ def write_dataset(out: str | os.PathLike, *, n_train: int, n_eval: int, seed: in
             rng, "Describe the image briefly.", "Give a short caption.", "What is in the picture?"), caption(sc))], rng))
         instruct.append(_llava_record(f"conv-{i}", name, conversation(sc, rng, rng.randint(*turns)), rng))
         i += 1
-    for j in range(n_text):      # text-only: the same language, answers unrelated to any image
+    for j in range(n_text):      # text-only: the scene written out where the image would be
         sc = random_scene(rng)
-        qas = conversation(sc, rng, rng.randint(*turns))
-        text.append(_llava_record(f"text-{j}", None, [QA("caption", "Describe a picture briefly.", caption(sc))] + qas, rng))
+        qas = [QA("caption", "Describe the image briefly.", caption(sc))] + conversation(sc, rng, rng.randint(*turns))
+        rec = _llava_record(f"text-{j}", None, qas, rng)
+        rec["conversations"][0]["value"] = scene_text(sc) + "\n" + rec["conversations"][0]["value"]
+        text.append(rec)
     write_eval_images(evals, root)
     split = ShapesSplit(root, root / "captions.json", root / "instruct.json", root / "text.json",
                         root / "scenes.json", root / "eval.json")
