@@ -1,20 +1,21 @@
 """Build the embedded "shapes" demo model from nothing, on CPU: the default model of llava-local.
 
-    python -m train.demo_model --out llava_local/data/demo          # `make demo-model`; ~15 min on 2 cores
+    python -m train.demo_model --out llava_local/data/demo          # `make demo-model`; ~10 min on 2 cores
     python bench/eval_shapes.py                                     # its exact-match accuracy via llama.cpp
 
 Steps (all in a work directory, default .cache/demo-build):
 1. the shapes world: training images with captions and instruction conversations, and the held-out
    evaluation scenes (shapes.py);
-2. a tiny CLIP vision tower, trained contrastively on shapes captions (clip_pretrain.py);
+2. a tiny CLIP vision tower (112 px, 2x2 patches: one image token per cell of the scene grid),
+   trained contrastively on shapes captions and on the phrase of each patch's cell (clip_pretrain.py);
 3. a tiny Llama-architecture LLM with SmolLM2's tokenizer (49152 tokens, tied embeddings, so the
    quantized file stays a few MB), randomly initialised;
-4. language warm-up of the LLM on text-only conversations. A deviation from the paper, which starts
-   from a pretrained Vicuna: no pretrained LLM is available here, and stage 1 with a random frozen
-   LLM would align the image features to nothing;
+4. optionally (n_text > 0; off by default, it did not raise the held-out accuracy) a language warm-up
+   on text-only conversations that write the scene out in words;
 5. stage 1 (projector only, captions) and stage 2 (projector + LLM, instruction conversations), the
-   paper's recipe through the same loop as `llava-local train`. Learning rates are higher than the
-   paper's 2e-3 / 2e-5 because this LLM is tiny and barely trained;
+   paper's recipe through the same loop as `llava-local train`. A deviation: the paper starts from a
+   pretrained Vicuna; none is available here, so stage 1 has little to align to and is kept short, and
+   stage 2 trains the LLM from scratch at a rate far above the paper's 2e-5;
 6. conversion (convert/), quantization of the LLM to Q8_0, and a few sample images.
 
 Outputs in --out: `shapes-demo-llm-Q8_0.gguf`, `shapes-demo-mmproj-F16.gguf`, `shapes-demo.manifest.json`;
