@@ -132,10 +132,22 @@ def _set_option(session, arg: str) -> None:
     status(f"[{key} = {v}]")
 
 
+def _ctrl_c_interrupts() -> None:
+    """Ctrl-C at the prompt must reach us even when the parent process ignored or blocked SIGINT
+    (both are inherited across exec: nohup-style launchers, some test runners)."""
+    if not (hasattr(signal, "SIGINT") and _is_main_thread()):
+        return
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def repl(session, first_images: list, *, verbose: bool) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()
+        _ctrl_c_interrupts()
     pending = list(first_images)
     prompt = "> " if interactive else ""
     while True:

@@ -97,7 +97,38 @@ def test_ctrl_c_at_the_prompt_does_not_exit(repl):
     # two is only noticed at the next key (a race in CPython, not here). A person is never that fast.
     time.sleep(0.5)
     child.sendintr()
-    child.expect_exact(PROMPT)
+    try:
+        child.expect_exact(PROMPT)
+    except pexpect.TIMEOUT:   # say why: the child's signal masks (blocked / ignored / caught)
+        status = Path(f"/proc/{child.pid}/status")
+        masks = [x for x in status.read_text().splitlines() if x.startswith("Sig")] if status.exists() else []
+        pytest.fail(f"no prompt after Ctrl-C; child signal state: {masks}")
     assert child.isalive()
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_ctrl_c_works_when_the_parent_ignored_and_blocked_sigint(pair_f32, tmp_path):
+    """Ignored and blocked signals survive exec: the REPL must take Ctrl-C back."""
+    import signal as sig
+    a = tmp_path / "first.png"
+    random_image(64, 48, 21).save(a)
+
+    def ignore_and_block():
+        sig.signal(sig.SIGINT, sig.SIG_IGN)
+        sig.pthread_sigmask(sig.SIG_BLOCK, {sig.SIGINT})
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), TERM="dumb")
+    child = pexpect.spawn(LLAVA, ["chat", "--model", str(pair_f32.llm_path.parent), "--vision-backend", "torch",
+                                  "--max-tokens", "6", str(a)], env=env, encoding="utf-8", timeout=60,
+                          dimensions=(40, 200), preexec_fn=ignore_and_block)
+    try:
+        child.expect_exact(PROMPT)
+        time.sleep(0.5)
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        assert child.isalive()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
