@@ -1,7 +1,7 @@
 """A tiny CLIP vision tower, trained contrastively on shapes captions (no pretrained CLIP can be
 downloaded here). The demo model's vision encoder; LLaVA keeps it frozen afterwards.
 
-    python -m train.clip_pretrain --images shapes/captions.json --out clip/ --steps 300
+    python -m train.clip_pretrain --scenes shapes/scenes.json --out clip/ --steps 300
 
 The image side is transformers' `CLIPVisionModel` (quick-GELU, pre-LN, CLS token: the exact
 architecture the converter and llama.cpp's clip graph expect), saved alone as a CLIPVisionModel
@@ -61,6 +61,7 @@ class ClipConfig:
 # white", "nothing top right on teal"; the patches of the cell are trained to say all of it
 PHRASES = [f"{what} {p} on {b}" for what in [f"{c} {k}" for c in COLOURS for k in SHAPES] + ["nothing"]
            for p in POSITIONS for b in BACKGROUNDS]
+PHRASE_INDEX = {p: i for i, p in enumerate(PHRASES)}
 
 
 def clip_caption(scene: dict) -> str:
@@ -161,6 +162,8 @@ class ClipModel(nn.Module):
         self.region_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim, bias=False)       # layer -2 regions -> same
         self.text = TextEncoder(vocab, cfg.hidden_size, cfg.text_layers, cfg.heads, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        grid = cfg.image_size // cfg.patch_size
+        self.cell_of = [c for p in range(grid * grid) for c, idx in enumerate(cell_patches(grid)) if p in idx]
 
     def loss(self, x: torch.Tensor, scenes: list[dict]) -> tuple[torch.Tensor, float, float]:
         """Global InfoNCE (CLS vs caption) + region InfoNCE (each layer -2 patch vs its cell's phrase,
@@ -173,10 +176,8 @@ class ClipModel(nn.Module):
         labels = torch.arange(len(scenes))
         global_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         patches = out.hidden_states[-2][:, 1:]                                           # (B, P, D): what LLaVA reads
-        grid = self.cfg.image_size // self.cfg.patch_size
-        cell_of = [next(c for c, idx in enumerate(cell_patches(grid)) if p in idx) for p in range(grid * grid)]
         regions = patches.flatten(0, 1)                                                  # (B*P, D): every patch
-        targets = [PHRASES.index(cell_phrase(scene, c)) for scene in scenes for c in cell_of]
+        targets = [PHRASE_INDEX[cell_phrase(scene, c)] for scene in scenes for c in self.cell_of]
         reg = F.normalize(self.region_proj(regions), dim=-1)                             # (B*P, E)
         phr = F.normalize(self.text(PHRASES), dim=-1)                                    # (n_phrases, E)
         region_logits = scale * reg @ phr.T

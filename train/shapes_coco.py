@@ -11,12 +11,11 @@ in the same file: COCO instances + COCO-captions style ("annotations" entries wi
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
-from .shapes import COLOURS, RENDER_SIZE, SHAPES, caption, description, random_scene, render
+from .shapes import COLOURS, RENDER_SIZE, SHAPES, _write_json, caption, description, random_scene, render
 
 CATEGORIES = [f"{c} {s}" for c in COLOURS for s in SHAPES]   # one COCO category per colour + shape
 
@@ -46,7 +45,7 @@ def write_shapes_coco(out: str | os.PathLike, n: int, seed: int = 0) -> Path:
     path = root / "annotations.json"
     data = {"images": images, "annotations": annotations,
             "categories": [{"id": i, "name": name} for name, i in cat_id.items()]}
-    path.write_text(json.dumps(data, indent=0), encoding="utf-8")
+    _write_json(path, data)
     return path
 
 
