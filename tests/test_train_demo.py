@@ -81,3 +81,16 @@ def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
     finally:
         engine.close()
     assert ans.tokens and all(t in vocab for t in ans.tokens)     # only the shapes language is ever emitted
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["-m", "train.demo_model", "--set", "no_such_field=1"], "no_such_field"),
+    (["-m", "train.demo_model", "--set", "stage2_epochs=abc"], "stage2_epochs=abc"),
+    (["-m", "train.clip_pretrain", "--scenes", "/no/such/scenes.json", "--out", "x"], "/no/such/scenes.json"),
+])
+def test_build_scripts_refuse_bad_arguments_in_one_line(tmp_path, argv, needle):
+    import subprocess
+    res = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("usage:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1 and needle in lines[0], res.stderr

@@ -232,7 +232,10 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
-    recs = json.loads(Path(a.scenes).read_text())
+    try:
+        recs = json.loads(Path(a.scenes).read_text())
+    except (OSError, ValueError) as exc:
+        ap.error(f"--scenes {a.scenes}: {exc}")
     train_clip(recs, Path(a.scenes).parent, a.out, ClipConfig(steps=a.steps))
 
 

@@ -211,10 +211,13 @@ def main() -> None:
         key, _, value = item.partition("=")
         target = cfg
         *path, last = key.split(".")
-        for p in path:
-            target = getattr(target, p)
-        kind = type(getattr(target, last))
-        setattr(target, last, kind(value))
+        try:
+            for p in path:
+                target = getattr(target, p)
+            kind = type(getattr(target, last))
+            setattr(target, last, kind(value))
+        except (AttributeError, ValueError) as exc:
+            ap.error(f"--set {item}: {exc}")
     report = build(Path(a.out), Path(a.work), Path(a.samples) if a.samples else None, cfg)
     print(json.dumps({k: report[k] for k in ("seconds", "steps", "size_mb")}))
 
