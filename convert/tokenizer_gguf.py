@@ -2,9 +2,11 @@
 
 - Llama SentencePiece tokenizers (Vicuna, LLaVA-1.5): `tokenizer.model` or a byte-fallback
   `tokenizer.json` -> llama.cpp's "llama" (SPM) vocab.
-- Byte-level BPE tokenizers (`tokenizer.json`, e.g. SmolLM2's, used by the demo model) -> "gpt2".
+- Byte-level BPE tokenizers (`tokenizer.json`, e.g. SmolLM2's, or the demo model's own) -> "gpt2".
   llama.cpp also needs the name of the pre-tokenizer (`tokenizer.ggml.pre`); it is identified by a
-  fingerprint of how the tokenizer splits a check text, or given with `tokenizer_pre=`.
+  fingerprint of how the tokenizer splits a check text, by the tokenizer.json's pre-tokenizer when
+  that is GPT-2's own (e.g. the demo model's BPE, train.tokenizer.train_bpe), or given with
+  `tokenizer_pre=`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,17 @@ def pre_tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     ids = tok.encode(CHECK_TEXT, add_special_tokens=False).ids
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+
+def pre_tokenizer_from_structure(tokenizer_dir: Path) -> str | None:
+    """"gpt-2" when tokenizer.json splits exactly as GPT-2 does (no normalizer; one ByteLevel step with
+    GPT-2's regex and no added prefix space): llama.cpp's "gpt-2" pre-tokenizer uses the same regex."""
+    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = tj.get("pre_tokenizer") or {}
+    if (tj.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False)):
+        return "gpt-2"
+    return None
 
 
 def _is_llama_spm(tokenizer_dir: Path) -> bool:
@@ -70,11 +83,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, *, n_vocab: int,
     else:
         vocab = gguf.BpeVocab(tokenizer_dir)
         load_merges = True
-        pre = tokenizer_pre or KNOWN_PRE_TOKENIZERS.get(pre_tokenizer_fingerprint(tokenizer_dir))
+        pre = (tokenizer_pre or KNOWN_PRE_TOKENIZERS.get(pre_tokenizer_fingerprint(tokenizer_dir))
+               or pre_tokenizer_from_structure(tokenizer_dir))
         if pre is None:
             raise ConversionError(
                 f"{tokenizer_dir}: unknown BPE pre-tokenizer (fingerprint {pre_tokenizer_fingerprint(tokenizer_dir)}); "
-                "pass --tokenizer-pre NAME with llama.cpp's name for it (e.g. llama-bpe, gpt2, smollm)")
+                "pass --tokenizer-pre NAME with llama.cpp's name for it (e.g. llama-bpe, gpt-2, smollm)")
     tokens, scores, toktypes = [], [], []
     for text, score, ttype in vocab.all_tokens():
         tokens.append(text)

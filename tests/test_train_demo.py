@@ -74,7 +74,23 @@ def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
     pair = resolve_pair(tmp_path / "out")
     assert pair.llm.metadata["general.file_type"] == 7 and pair.image_tokens == 4
     vocab = json.loads((tmp_path / "work" / "stage2" / "output_vocab.json").read_text())["ids"]
-    assert 50 < len(vocab) < 2000
+    assert 50 < len(vocab) < 300
+    # its own byte-level BPE: a few hundred tokens, and llama.cpp splits text exactly as training did
+    from convert.tokenizer_gguf import CHECK_TEXT
+    from llava_local.llm import LlamaLLM
+    from train.tokenizer import load_tokenizer
+    tok = load_tokenizer(tmp_path / "work" / "stage2")
+    assert 256 < len(tok.hf) <= cfg.vocab_size and pair.llm.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    texts = [CHECK_TEXT, "What shape is at the top left? A red circle.", "How many stars are there?\n 12 345",
+             "Ünïcödé 🦙 stays encodable, byte by byte"]
+    llm = LlamaLLM(pair.llm_path, n_ctx=256)
+    try:
+        for text in texts:
+            assert llm.tokenize(text, parse_special=False) == tok.encode(text), text
+            assert llm.detokenize(tok.encode(text)) == text
+        assert (llm.bos, llm.eos) == (tok.bos_id, tok.eos_id)      # no BOS in prompts, on both sides
+    finally:
+        llm.close()
     engine = Engine(pair, vision_backend="torch", n_ctx=512)
     try:
         ans = engine.ask("How many shapes are there?", [next((tmp_path / "samples").glob("*.png"))], max_tokens=4)

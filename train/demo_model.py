@@ -8,8 +8,11 @@ Steps (all in a work directory, default .cache/demo-build):
    evaluation scenes (shapes.py);
 2. a tiny CLIP vision tower (112 px, 2x2 patches: one image token per cell of the scene grid),
    trained contrastively on shapes captions and on the phrase of each patch's cell (clip_pretrain.py);
-3. a tiny Llama-architecture LLM with SmolLM2's tokenizer (49152 tokens, tied embeddings, so the
-   quantized file stays a few MB), randomly initialised;
+3. a byte-level BPE tokenizer of its own, trained on the shapes texts (a few hundred tokens: every
+   byte, and the shapes words whole), and a tiny Llama-architecture LLM with tied embeddings,
+   randomly initialised. A general 49152-token vocabulary (SmolLM2's, used before) made the output
+   matrix ~85 % of every generated token's compute and ~10 MB of the file, for a language of ~100
+   words;
 4. optionally (n_text > 0; off by default, it did not raise the held-out accuracy) a language warm-up
    on text-only conversations that write the scene out in words;
 5. stage 1 (projector only, captions) and stage 2 (projector + LLM, instruction conversations), the
@@ -26,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,13 +41,11 @@ from .config import Stage1Config, Stage2Config
 from .loop import train
 from .model import write_output_vocab, zero_rows_outside
 from .shapes import random_scene, render, write_dataset
-from .tokenizer import copy_tokenizer_files, tokenizer_from_gguf
+from .tokenizer import copy_tokenizer_files, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_GGUF = Path(os.environ.get("LLAVA_LOCAL_SMOLLM2",
-                                   REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 NAME = "shapes-demo"
 
 
@@ -59,7 +59,8 @@ class DemoConfig:
     min_turns: int = 6             # questions per conversation: more turns share one image's and the
     max_turns: int = 10            # system prompt's tokens
     clip: ClipConfig = field(default_factory=ClipConfig)
-    llm_hidden: int = 192          # 49152 x 192 tied embeddings: ~10 MB at Q8_0
+    vocab_size: int = 512          # upper bound: BPE training stops when no pair repeats (~450 tokens)
+    llm_hidden: int = 192
     llm_layers: int = 4
     llm_heads: int = 6
     llm_kv_heads: int = 2
@@ -76,35 +77,50 @@ class DemoConfig:
     threads: int = 2
 
 
-def language_vocab(json_paths: list[Path], tok_dir: Path) -> list[int]:
-    """Every token id the shapes data produces, through both templates (and EOS)."""
+def _conversations(json_paths: list[Path]):
+    """(template, messages) for every record, through both templates the data is trained with."""
     from llava_local.templates import get_template
 
-    from .data import encode, to_messages
-    from .tokenizer import load_tokenizer
-    tok = load_tokenizer(tok_dir)
-    ids = {tok.eos_id} | ({tok.bos_id} if tok.bos_id is not None else set())
+    from .data import to_messages
     for path in json_paths:
         for rec in json.loads(Path(path).read_text()):
             for name in ("vicuna_v1", "plain"):
                 t = get_template(name)
-                msgs = to_messages(rec["conversations"], template=t, has_image="image" in rec)
-                ids.update(i for i in encode(msgs, t, tok, 1)[0] if i >= 0)
+                yield t, to_messages(rec["conversations"], template=t, has_image="image" in rec)
+
+
+def tokenizer_corpus(json_paths: list[Path]) -> list[str]:
+    """The texts the tokenizer will see: every text segment training builds, and the runtime's
+    caption prompts."""
+    from llava_local.caption import PROMPTS
+    texts = [seg.text for t, msgs in _conversations(json_paths) for seg in t.segments(msgs) if not seg.is_image]
+    return texts + list(PROMPTS.values())
+
+
+def language_vocab(json_paths: list[Path], tok_dir: Path) -> list[int]:
+    """Every token id the shapes data produces, through both templates (and EOS)."""
+    from .data import encode
+    tok = load_tokenizer(tok_dir)
+    ids = {tok.eos_id} | ({tok.bos_id} if tok.bos_id is not None else set())
+    for t, msgs in _conversations(json_paths):
+        ids.update(i for i in encode(msgs, t, tok, 1)[0] if i >= 0)
     return sorted(ids)
 
 
 def make_llm(out: Path, tok_dir: Path, cfg: DemoConfig, vocab: list[int]) -> Path:
-    """A random tiny Llama with SmolLM2's vocabulary, saved as an HF dir with the tokenizer. Only the
-    `vocab` rows of its (tied) embedding are non-zero: the shapes language uses a few hundred of the
-    49152 tokens, and output_vocab.json lets training skip the rest exactly (model.LlavaForTraining)."""
+    """A random tiny Llama for the tokenizer in `tok_dir`, saved as an HF dir with the tokenizer. Only
+    the `vocab` rows of its (tied) embedding are non-zero (the tokens the shapes data uses), and
+    output_vocab.json lets training skip the other rows exactly (model.LlavaForTraining)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    tok = load_tokenizer(tok_dir)
     torch.manual_seed(cfg.seed)
     tcfg = LlamaConfig(hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_ffn, num_hidden_layers=cfg.llm_layers,
-                       num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads, vocab_size=49152,
-                       max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                       num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads,
+                       vocab_size=len(tok.hf), max_position_embeddings=1024, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True, bos_token_id=tok.hf.bos_token_id, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id)
     model = LlamaForCausalLM(tcfg)
     zero_rows_outside(model, vocab)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,13 +177,14 @@ def build(out: Path, work: Path, samples: Path | None, cfg: DemoConfig) -> dict:
         log.info("== %s done in %.1fs (total %.1fs)", name, times[name], time.perf_counter() - t0)
 
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = tokenizer_from_gguf(SMOLLM2_GGUF, work / "tokenizer")
     split = write_dataset(work / "shapes", n_train=cfg.n_train, n_eval=cfg.n_eval, n_text=cfg.n_text, seed=cfg.seed,
                           turns=(cfg.min_turns, cfg.max_turns))
+    texts = [split.captions, split.instruct, split.text]
+    tok_dir = train_bpe(tokenizer_corpus(texts), work / "tokenizer", vocab_size=cfg.vocab_size)
     lap("data")
     clip_dir = train_clip(json.loads(split.scenes.read_text()), split.root, work / "clip", cfg.clip)
     lap("clip")
-    vocab = language_vocab([split.captions, split.instruct, split.text], tok_dir)
+    vocab = language_vocab(texts, tok_dir)
     llm_dir = make_llm(work / "llm", tok_dir, cfg, vocab)
     common = dict(micro_batch_size=cfg.micro_batch_size, batch_size=cfg.batch_size, seed=cfg.seed,
                   threads=cfg.threads, log_every=50)

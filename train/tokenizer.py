@@ -4,6 +4,7 @@ which id ends a turn. The ids it produces must equal llama.cpp's for the convert
 
     tok = load_tokenizer("checkpoints/stage1")          # a dir with tokenizer.json
     tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "tok/")   # unpack a GGUF's vocabulary once
+    train_bpe(texts, "tok/", vocab_size=512)            # a small byte-level BPE of one's own (demo model)
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -73,5 +74,38 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike
     tok.save_pretrained(str(tmp))
     (tmp / "chat_template.jinja").unlink(missing_ok=True)   # the LLaVA template is written by the converter
     out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+# The special tokens of train_bpe's vocabularies (ids 0, 1, 2), named as in SmolLM2's: the templates
+# need only an end-of-turn token; BOS exists for llama.cpp but is not added to prompts.
+BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
+              min_frequency: int = 2) -> Path:
+    """Train a byte-level BPE (GPT-2's pre-tokenizer: llama.cpp's "gpt2") on `texts` and save it as a
+    tokenizer dir (atomic). Every byte is in the vocabulary, so any text stays encodable; the merges
+    make the training language's words single tokens. For a model that only ever speaks one small
+    language (the shapes demo), this replaces a 49152-token vocabulary whose output matrix would be
+    most of the per-token compute."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    out = Path(out_dir)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=list(BPE_SPECIALS), initial_alphabet=byte_level.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BPE_SPECIALS[1], eos_token=BPE_SPECIALS[2],
+                                 pad_token=BPE_SPECIALS[2], unk_token=BPE_SPECIALS[0])
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(str(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
