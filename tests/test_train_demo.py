@@ -36,9 +36,10 @@ def test_demo_files_fit_the_repo_budget():
 
 def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
     """The shipped demo model answers through llama.cpp in the shapes language (short canonical
-    answers) and reads the image: on 12 held-out images it must beat what answering from the question
-    alone can reach (background colour and the total count, which it gets right every time in
-    bench/eval_shapes.py, need the image). Its full accuracy is measured by bench/eval_shapes.py
+    answers) and reads the image: on 12 held-out images it gets every global fact right (background
+    colour, total count: 100 % in bench/eval_shapes.py) and finds particular shapes far above what the
+    question alone allows (the colour of "the star", the shape of "the green one": one of 4-6 answers;
+    the shipped model gets 11 of 16 here). Its full accuracy is measured by bench/eval_shapes.py
     (README): below the issue's 90 % target."""
     from llava_local.engine import Engine
     from llava_local.model_pair import resolve_pair
@@ -57,6 +58,10 @@ def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
     global_questions = [ok for r, ok in zip(records, right)
                         if r["question"].endswith("the background?") or r["question"].startswith("How many shapes")]
     assert len(global_questions) >= 6 and all(global_questions)
+    lookups = [ok for r, ok in zip(records, right) if r["kind"] in ("colour", "shape")
+               and not r["question"].endswith("the background?")]
+    print(f"lookups (colour/shape of a particular shape): {sum(lookups)}/{len(lookups)}")
+    assert len(lookups) >= 12 and sum(lookups) >= 0.6 * len(lookups), f"{sum(lookups)}/{len(lookups)}"
 
 
 def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):

@@ -69,10 +69,15 @@ class DemoConfig:
     warmup_lr: float = 3e-3
     stage1_epochs: float = 0.25    # with an untrained LLM, alignment has little to align to: kept short
     stage1_lr: float = 2e-3        # the paper's stage-1 rate
-    stage2_epochs: float = 4.0
-    stage2_lr: float = 3e-3        # paper: 2e-5 for a pretrained 7B LLM; this one is tiny and barely trained
+    stage2_epochs: float = 10.0    # 5000 steps; held-out accuracy at 1e-3: 1000 steps 63-69 %, 2000 73 %,
+                                   # 3000 78 %, 5000 87 %: more is better, the 20-minute budget ends here
+    stage2_lr: float = 1e-3        # paper: 2e-5 for a pretrained 7B LLM; this one starts from nothing. At 3e-3
+                                   # the first MLP learns a ~300-norm output at every text token that drowns
+                                   # the question in the residual stream: every question then attends to the
+                                   # same image tokens (held-out 55-58 %, against 63-73 % at 1e-3)
     batch_size: int = 8            # small batches, many steps: a tiny model learns more per FLOP
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8      # 4 gives the same update ~15 % faster (less padding), but a different
+                                   # float order, so another trajectory: it scored 78.9 % against 86.9 %
     qtype: str = "Q8_0"
     threads: int = 2
 

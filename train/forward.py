@@ -10,11 +10,12 @@ vocabulary costs nothing on prompt and image tokens. The loss is *summed* over l
 the loop divides by the global count, so gradient accumulation and DDP give one big batch's update.
 
 Closed vocabulary (`output_vocab`, the ids in a checkpoint's output_vocab.json): for an LLM whose
-embedding rows outside these ids are exactly zero, as the demo model's (its language uses ~300 of
-SmolLM2's 49152 tokens), every other token's logit is exactly 0, so the full softmax equals the
-softmax over the kept ids plus one column holding log(n_other). Training then uses a compact copy
-of the kept rows as the trainable parameter (the full matrices are frozen meanwhile and updated by
-`sync_vocab`): the same model and loss, without a 49152-row gradient and optimizer state.
+embedding rows outside these ids are exactly zero (a model for a closed language, e.g. one that
+uses a few hundred of a 49152-token general vocabulary; the demo model: 138 of its own 512), every
+other token's logit is exactly 0, so the full softmax equals the softmax over the kept ids plus one
+column holding log(n_other). Training then uses a compact copy of the kept rows as the trainable
+parameter (the full matrices are frozen meanwhile and updated by `sync_vocab`): the same model and
+loss, without a full-vocabulary gradient and optimizer state.
 """
 from __future__ import annotations
 
