@@ -129,7 +129,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for every system (default: all cores)")
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--vision-backend", default="auto")
-    ap.add_argument("--prompt", default=PROMPTS["short"])
+    ap.add_argument("--prompt", default=PROMPTS["detailed"],
+                    help="default: the detailed-caption preset, which the demo model is trained to answer (with "
+                         "the short preset, a prompt it never saw, the two systems' answers differ in length)")
     ap.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per system, interleaved (best wall time shown)")
     ap.add_argument("--skip-plain-loop", action="store_true")
