@@ -83,11 +83,11 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, *, n_vocab: int,
     else:
         vocab = gguf.BpeVocab(tokenizer_dir)
         load_merges = True
-        pre = (tokenizer_pre or KNOWN_PRE_TOKENIZERS.get(pre_tokenizer_fingerprint(tokenizer_dir))
-               or pre_tokenizer_from_structure(tokenizer_dir))
+        fingerprint = pre_tokenizer_fingerprint(tokenizer_dir)
+        pre = tokenizer_pre or KNOWN_PRE_TOKENIZERS.get(fingerprint) or pre_tokenizer_from_structure(tokenizer_dir)
         if pre is None:
             raise ConversionError(
-                f"{tokenizer_dir}: unknown BPE pre-tokenizer (fingerprint {pre_tokenizer_fingerprint(tokenizer_dir)}); "
+                f"{tokenizer_dir}: unknown BPE pre-tokenizer (fingerprint {fingerprint}); "
                 "pass --tokenizer-pre NAME with llama.cpp's name for it (e.g. llama-bpe, gpt-2, smollm)")
     tokens, scores, toktypes = [], [], []
     for text, score, ttype in vocab.all_tokens():

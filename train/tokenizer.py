@@ -68,12 +68,17 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike
         return out
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: GGUF not found")
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    return _save_atomic(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), out)
+
+
+def _save_atomic(hf, out: Path) -> Path:
+    """Save a transformers tokenizer as the dir `out`, replacing it whole (no half-written dir)."""
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
+    hf.save_pretrained(str(tmp))
     (tmp / "chat_template.jinja").unlink(missing_ok=True)   # the LLaVA template is written by the converter
     out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
@@ -85,14 +90,13 @@ BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def train_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
               min_frequency: int = 2) -> Path:
-    """Train a byte-level BPE (GPT-2's pre-tokenizer: llama.cpp's "gpt2") on `texts` and save it as a
+    """Train a byte-level BPE (GPT-2's pre-tokenizer: llama.cpp's "gpt-2") on `texts` and save it as a
     tokenizer dir (atomic). Every byte is in the vocabulary, so any text stays encodable; the merges
     make the training language's words single tokens. For a model that only ever speaks one small
     language (the shapes demo), this replaces a 49152-token vocabulary whose output matrix would be
     most of the per-token compute."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    out = Path(out_dir)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = byte_level
@@ -102,10 +106,4 @@ def train_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: i
     tok.train_from_iterator(texts, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BPE_SPECIALS[1], eos_token=BPE_SPECIALS[2],
                                  pad_token=BPE_SPECIALS[2], unk_token=BPE_SPECIALS[0])
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return _save_atomic(hf, Path(out_dir))
