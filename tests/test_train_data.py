@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from llava_local.preprocess import PreprocessConfig, preprocess
+from llava_local.errors import ImageError
 from llava_local.images import load_image
 from llava_local.templates import IMAGE_MARKER, Message, get_template, tokenize_segments
 from train.data import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataConfig, LlavaDataset, collate, encode, n_targets,
@@ -176,3 +177,19 @@ def test_independent_turns_train_as_separate_conversations(tmp_path, tok, tiny_c
     (lp, np_), (ls, ns) = loss("p.json"), loss("s.json")
     assert np_ == ns == sum(len(t) for t in _answers_with_eos(tok, ["Red.", "3.", "Top left."]))
     assert abs(lp - ls) < 1e-4 * abs(ls)
+
+
+def test_cached_dataset_serves_items_without_reading_again(tmp_path, tok):
+    from PIL import Image
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": THREE_TURNS[:2]}]))
+    pp = PreprocessConfig(image_size=56)
+    cached = LlavaDataset(DataConfig(tmp_path / "d.json", tmp_path, get_template("vicuna_v1"), N_IMG, pp, cache=True), tok)
+    plain = LlavaDataset(DataConfig(tmp_path / "d.json", tmp_path, get_template("vicuna_v1"), N_IMG, pp), tok)
+    first, reference = cached[0], plain[0]
+    (tmp_path / "a.png").unlink()
+    again = cached[0]                                    # from memory: the file is gone
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert torch.equal(again[key], reference[key]) and torch.equal(first[key], reference[key])
+    with pytest.raises(ImageError, match="no such file"):
+        plain[0]                                         # without the cache the file is read again

@@ -57,6 +57,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Periodic checkpoints kept (older ones are deleted)")
     resume: str = opt("", "'auto' (the newest checkpoint under OUT/checkpoints) or a checkpoint directory")
     log_every: int = opt(10, "Log the loss every N steps")
+    group_by_length: int = opt(0, "Batch records of similar length together, sorting windows of N steps' "
+                                  "records by length (less padding; 0: off)")
+    cache_data: bool = opt(False, "Keep tokenized records and preprocessed images in memory after first use "
+                                  "(small datasets trained for many epochs)")
     num_workers: int = opt(0, "DataLoader worker processes (0: load in the training process)")
     threads: int = opt(0, "torch CPU threads per process (0: torch's default)")
 

@@ -153,6 +153,7 @@ class DataConfig:
     preprocess: PreprocessConfig
     max_len: int = 2048
     image_position: str = "front"
+    cache: bool = False          # keep every item in memory after its first use
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -167,6 +168,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not isinstance(records, list) or not all(isinstance(r, dict) and "conversations" in r for r in records):
             raise ValueError(f"{cfg.json_path}: expected a list of records with 'conversations'")
         self.records = records
+        self._cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -195,6 +197,14 @@ class LlavaDataset(torch.utils.data.Dataset):
         return Encoded(ids, labels), keep
 
     def __getitem__(self, i: int) -> dict:
+        if i in self._cache:
+            return self._cache[i]
+        item = self._load(i)
+        if self.cfg.cache:
+            self._cache[i] = item
+        return item
+
+    def _load(self, i: int) -> dict:
         rec = self.records[i]
         try:
             enc, keep_image = self.encode_record(rec)

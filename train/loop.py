@@ -79,13 +79,28 @@ def make_plan(cfg: TrainConfig, n_records: int) -> Plan:
     return Plan(per_epoch, total, int(math.ceil(cfg.warmup_ratio * total)))
 
 
-def step_indices(step: int, plan: Plan, cfg: TrainConfig, d: Dist, n_records: int) -> list[int]:
+def step_indices(step: int, plan: Plan, cfg: TrainConfig, d: Dist, n_records: int,
+                 lengths: list[int] | None = None) -> list[int]:
     """This process's records for one optimizer step: a contiguous slice of the global batch, taken
-    from the epoch's permutation (a function of seed and epoch only, so resume needs no sampler state)."""
+    from the epoch's permutation (a function of seed and epoch only, so resume needs no sampler state).
+    With cfg.group_by_length = N and `lengths`, the permutation is cut into windows of N global
+    batches; each window is sorted by length, cut into its N batches, and those are shuffled: every
+    record still comes once per epoch, and a batch holds records of similar length (less padding)."""
     epoch, i = divmod(step, plan.steps_per_epoch)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    batch = torch.randperm(n_records, generator=g)[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
-    per_rank = cfg.batch_size // d.world
+    perm = torch.randperm(n_records, generator=g)
+    n, b = cfg.group_by_length, cfg.batch_size
+    if n > 1 and lengths is not None:
+        w, k = divmod(i, n)
+        start = w * n * b
+        n_here = min(n, plan.steps_per_epoch - w * n)          # the epoch's last window may be shorter
+        window = sorted(perm[start:start + n_here * b].tolist(), key=lambda r: lengths[r])
+        order = torch.randperm(n_here, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + w))
+        j = int(order[k])
+        batch = window[j * b:(j + 1) * b]
+    else:
+        batch = perm[i * b:(i + 1) * b].tolist()
+    per_rank = b // d.world
     return batch[d.rank * per_rank:(d.rank + 1) * per_rank]
 
 
@@ -100,7 +115,7 @@ class StepBatches(torch.utils.data.Sampler):
         self.lengths = lengths
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        idx = step_indices(step, self.plan, self.cfg, self.d, self.n)
+        idx = step_indices(step, self.plan, self.cfg, self.d, self.n, self.lengths)
         if self.lengths is not None:
             idx = sorted(idx, key=lambda i: self.lengths[i])
         m = self.cfg.micro_batch_size
@@ -316,7 +331,7 @@ def _train(cfg: TrainConfig, d: Dist, callbacks) -> TrainResult:
     tok = load_tokenizer(prep.tokenizer_dir)
     template = get_template(cfg.template)
     data = LlavaDataset(DataConfig(Path(cfg.data), default_image_folder(cfg.data, cfg.image_folder), template,
-                                   n_image_tokens(model), pp, cfg.max_len, cfg.image_position), tok)
+                                   n_image_tokens(model), pp, cfg.max_len, cfg.image_position, cfg.cache_data), tok)
     plan = make_plan(cfg, len(data))
     model.to(d.device)
     lm = parts(model)[2]
