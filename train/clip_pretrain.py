@@ -99,9 +99,9 @@ class TextEncoder(nn.Module):
         self.proj = nn.Linear(width, embed_dim, bias=False)
 
     def encode_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.zeros(len(texts), self.max_len, dtype=torch.long)
-        for i, t in enumerate(texts):
-            w = [1] + [self.index[x] for x in _words(t)][: self.max_len - 1]
+        words = [[1] + [self.index[x] for x in _words(t)][: self.max_len - 1] for t in texts]
+        ids = torch.zeros(len(texts), max(map(len, words)), dtype=torch.long)    # padded to the longest
+        for i, w in enumerate(words):
             ids[i, :len(w)] = torch.tensor(w)
         return ids, ids == 0
 
