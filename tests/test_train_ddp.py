@@ -40,13 +40,13 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def _compare(many: Path, one: Path, single_losses: list[float], what: str) -> None:
+def _compare(many: Path, one: Path, single_losses: list[float], what: str, weight_tol: float = 1e-5) -> None:
     multi = _losses(many)
     assert len(multi) == len(single_losses) == ARGS["max_steps"]
     rel = max(abs(a - b) / abs(b) for a, b in zip(multi, single_losses))
     dw = max_abs_diff(weights(many), weights(one))
     print(f"{what}: loss curve max rel diff {rel:.3g}, weights max |Δ| {dw:.3g}")
-    assert rel <= 1e-5 and dw <= 1e-5
+    assert rel <= 1e-5 and dw <= weight_tol
     assert single_losses[-1] < single_losses[0]
 
 
@@ -64,5 +64,9 @@ def test_torchrun_fsdp_stage2_matches_single_process(tiny_ckpt, split, tmp_path)
     cfg = stage2_config(split, tiny_ckpt[1], tmp_path / "fsdp", lr=1e-3, **ARGS)
     _torchrun(cfg, "--fsdp")
     single = train(stage2_config(split, tiny_ckpt[1], tmp_path / "one", lr=1e-3, **ARGS))
-    _compare(tmp_path / "fsdp", tmp_path / "one", single.losses, "torchrun x2 FSDP vs 1 process (stage 2)")
+    # Adam divides each gradient by its own running size: where a gradient is ~0 (float noise), a
+    # different summation order (FSDP's reduce-scatter) moves that weight by a visible part of lr. The
+    # loss curve must still agree to 1e-5; the weights to 2 % of one step (measured: 1.2e-5 at lr 1e-3)
+    _compare(tmp_path / "fsdp", tmp_path / "one", single.losses, "torchrun x2 FSDP vs 1 process (stage 2)",
+             weight_tol=0.02 * cfg.lr)
     assert json.loads((tmp_path / "fsdp" / "train_config.json").read_text())["fsdp"] is True
