@@ -25,8 +25,8 @@ def _cfg(**kw) -> Stage2Config:
     return Stage2Config(data="d.json", batch_size=8, micro_batch_size=4, seed=3, epochs=2, **kw)
 
 
-def _one() -> Dist:
-    return Dist(0, 1, 0, torch.device("cpu"))
+def _dist(rank: int = 0, world: int = 1) -> Dist:
+    return Dist(rank, world, rank, torch.device("cpu"))
 
 
 def _padded(batches: list[list[int]], lengths: list[int]) -> int:
@@ -37,7 +37,7 @@ def _padded(batches: list[list[int]], lengths: list[int]) -> int:
 def test_every_record_at_most_once_per_epoch(group):
     cfg, lengths = _cfg(group_by_length=group), _lengths()
     plan = make_plan(cfg, N)
-    d = _one()
+    d = _dist()
     for epoch in range(2):
         seen = [i for s in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
                 for i in step_indices(s, plan, cfg, d, N, lengths)]
@@ -48,7 +48,7 @@ def test_grouping_by_length_cuts_padding_and_keeps_the_epoch():
     lengths = _lengths()
     plain, grouped = _cfg(), _cfg(group_by_length=8)
     plan = make_plan(plain, N)
-    d = _one()
+    d = _dist()
     steps = range(plan.steps_per_epoch)
     a = [step_indices(s, plan, plain, d, N, lengths) for s in steps]
     b = [step_indices(s, plan, grouped, d, N, lengths) for s in steps]
@@ -64,7 +64,7 @@ def test_grouping_by_length_cuts_padding_and_keeps_the_epoch():
 def test_sampler_resumes_without_state():
     cfg, lengths = _cfg(group_by_length=5), _lengths()
     plan = make_plan(cfg, N)
-    d = _one()
+    d = _dist()
     whole = list(StepBatches(plan, cfg, d, N, 0, lengths))
     k = 7
     tail = list(StepBatches(plan, cfg, d, N, k, lengths))
@@ -75,6 +75,6 @@ def test_sampler_resumes_without_state():
 def test_processes_split_each_grouped_batch():
     cfg, lengths = _cfg(group_by_length=4), _lengths()
     plan = make_plan(cfg, N)
-    one = step_indices(5, plan, cfg, _one(), N, lengths)
-    two = [step_indices(5, plan, cfg, Dist(r, 2, r, torch.device('cpu')), N, lengths) for r in range(2)]
+    one = step_indices(5, plan, cfg, _dist(), N, lengths)
+    two = [step_indices(5, plan, cfg, _dist(r, 2), N, lengths) for r in range(2)]
     assert two[0] + two[1] == one

@@ -100,7 +100,7 @@ class TextEncoder(nn.Module):
 
     def encode_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         words = [[1] + [self.index[x] for x in _words(t)][: self.max_len - 1] for t in texts]
-        ids = torch.zeros(len(texts), max(map(len, words)), dtype=torch.long)    # padded to the longest
+        ids = torch.zeros(len(texts), max(map(len, words), default=1), dtype=torch.long)    # padded to the longest
         for i, w in enumerate(words):
             ids[i, :len(w)] = torch.tensor(w)
         return ids, ids == 0
