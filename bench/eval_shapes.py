@@ -35,7 +35,7 @@ DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"
 def evaluate(model: str | Path, *, n_images: int | None = None, seed: int | None = None,
              vision_backend: str = "torch", threads: int | None = None, progress: bool = True,
              repack: bool = False) -> dict:
-    if repack:   # llava_local.llm decides by default (off where AMX is advertised: SIGILL in some VMs)
+    if repack:   # by default LlamaLLM decides (on unless the once-per-CPU probe saw SIGILL)
         os.environ["LLAVA_LOCAL_EXTRA_BUFTS"] = "1"
     pair = resolve_pair(model)
     held_out = (pair.manifest or {}).get("shapes_eval", {})

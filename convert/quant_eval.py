@@ -66,8 +66,8 @@ class QuantEvalConfig:
     vision_backend: str = "torch"  # encodes each image once, with the source mmproj
     threads: int | None = None     # llama.cpp threads (default: all cores)
     work_dir: str | None = None    # keep the quantized LLMs here (default: a temporary dir, each file deleted after use)
-    repack: bool = False           # llama.cpp's CPU weight repacking (AMX, ...): off, because where a VM advertises
-                                   # AMX without enabling it the repacked Q4/Q8 matmuls die with SIGILL
+    repack: bool | None = None     # llama.cpp's CPU weight repacking (AMX, ...); None: on unless the once-per-CPU
+                                   # probe saw it die with SIGILL (VMs that advertise AMX without enabling it)
 
 
 @dataclass
@@ -164,21 +164,21 @@ def _render(scene: dict):
 # --- llama.cpp steps ---
 
 @contextlib.contextmanager
-def weight_repacking(enabled: bool):
-    """Load models with (or without) llama.cpp's CPU "extra buffer types" (`use_extra_bufts`), for
-    the duration. LlamaLLM takes its model parameters from `llama_model_default_params`."""
-    import llama_cpp
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = enabled
-        return p
-    llama_cpp.llama_model_default_params = params
+def weight_repacking(enabled: bool | None):
+    """Load models with (True) or without (False) llama.cpp's CPU "extra buffer types"
+    (`use_extra_bufts`, weight repacking) for the duration; None keeps LlamaLLM's own choice (on
+    unless the once-per-CPU probe saw them crash). LlamaLLM reads LLAVA_LOCAL_EXTRA_BUFTS at load."""
+    from llava_local.extra_bufts_probe import ENV
+    before = os.environ.get(ENV)
+    if enabled is not None:
+        os.environ[ENV] = "1" if enabled else "0"
     try:
         yield
     finally:
-        llama_cpp.llama_model_default_params = default
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 def prefill(llm: LlamaLLM, items: list, embeds: np.ndarray) -> int:
@@ -358,8 +358,12 @@ def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEv
     keep = cfg.work_dir is not None
     work = Path(cfg.work_dir) if keep else Path(tempfile.mkdtemp(prefix="llava-local-eval-quant-"))
     rows = []
+    repack = cfg.repack
     try:
         with weight_repacking(cfg.repack):
+            if repack is None:   # what LlamaLLM will do: the probe's verdict
+                from llava_local.extra_bufts_probe import extra_buffer_types_allowed
+                repack = extra_buffer_types_allowed()
             inp = _prepare(pair, cfg, held_out, tick)
             row, reference = _measure(pair.llm_path, f"{src_type} (source)", True, inp, cfg, None, tick)
             rows.append(row)
@@ -378,7 +382,7 @@ def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEv
                        source_type=src_type, vision_backend=cfg.vision_backend, n_answers=len(inp.agree),
                        n_tokens=sum(len(c.target) for c in inp.agree), answers_from=inp.answers_from,
                        n_shapes=cfg.shapes, gen_tokens=cfg.gen_tokens, timing_runs=max(1, cfg.timing_runs),
-                       threads=cfg.threads or os.cpu_count() or 1, repack=cfg.repack, rows=rows)
+                       threads=cfg.threads or os.cpu_count() or 1, repack=repack, rows=rows)
 
 
 # --- output ---

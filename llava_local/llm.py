@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ContextOverflowError, ModelFilesError
+from .extra_bufts_probe import extra_buffer_types_allowed
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,6 @@ def _on_native_log(level: int, text: bytes, _user) -> None:
 
 
 _native_log_cb = None  # keep the ctypes callback alive for the life of the process
-
-
-def _extra_buffer_types_allowed() -> bool:
-    """llama.cpp's extra CPU buffer types repack quantized weights (AVX2/NEON repack, Intel AMX).
-    On CPUs that advertise AMX, a VM may still refuse the tile instructions and llama.cpp dies with
-    SIGILL on the first multi-token batch of a quantized model; so where AMX is advertised the extra
-    buffer types stay off unless LLAVA_LOCAL_EXTRA_BUFTS=1 (slower, never a crash)."""
-    env = os.environ.get("LLAVA_LOCAL_EXTRA_BUFTS")
-    if env in ("0", "1"):
-        return env == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return "amx_tile" not in f.read(1 << 20)
-    except OSError:  # not Linux: no AMX question
-        return True
 
 
 def llama_cpp_lib(verbose: bool = False):
@@ -78,26 +64,36 @@ def llama_cpp_lib(verbose: bool = False):
 
 
 class LlamaLLM:
+    """One llama.cpp model and context. llama.cpp's default model and context parameters are kept
+    except where a reason is written next to the change (context size, threads, sequences, precision).
+
+    n_gpu_layers: layers offloaded (llama.cpp's meaning: > n_layer also offloads the output layer);
+    extra_bufts: llama.cpp's extra CPU buffer types (weight repacking); None = on unless the
+    once-per-CPU probe (extra_bufts_probe.py) saw them crash."""
+
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 4096, n_gpu_layers: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, all_logits: bool = False,
-                 precise: bool = False, n_seq_max: int = 1, verbose: bool = False):
+                 n_threads: int | None = None, n_batch: int | None = None, all_logits: bool = False,
+                 precise: bool = False, n_seq_max: int = 1, extra_bufts: bool | None = None,
+                 verbose: bool = False):
         L = self._L = llama_cpp_lib(verbose)
         self.path = Path(path)
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        mparams.use_extra_bufts = _extra_buffer_types_allowed()
+        mparams.use_extra_bufts = extra_buffer_types_allowed() if extra_bufts is None else extra_bufts
+        self.extra_bufts = bool(mparams.use_extra_bufts)
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelFilesError(f"{self.path}: llama.cpp could not load the model (run with --verbose for its log)")
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
+        cparams.n_ctx = n_ctx                # the caller checks the image + prompt fit (model_pair.check_context)
+        if n_batch:                          # default: llama.cpp's (2048 logical, 512 physical)
+            cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq_max      # >1: several sequences decoded in one batch (captioning)
         cparams.kv_unified = n_seq_max > 1  # sequences share one cache, so a common prompt prefix can be shared
         if precise:  # F16 KV cache and CPU flash attention (Q rounded to F16) move logits by ~1e-2
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
             cparams.flash_attn_type = 0          # disabled: CPU flash attention rounds Q to F16
+        # llama.cpp defaults to 4 threads; a user with 8 cores expects them used (--threads lowers it)
         threads = n_threads or max(1, (os.cpu_count() or 2))
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -109,7 +105,9 @@ class LlamaLLM:
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self.n_embd = L.llama_model_n_embd(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        self.n_batch = n_batch
+        self.n_batch = L.llama_n_batch(self.ctx)
+        self.n_layer = L.llama_model_n_layer(self.model)
+        self.n_gpu_layers = n_gpu_layers
         self.all_logits = all_logits
         self.n_past = 0                      # tokens in the KV cache (sequence 0)
         self.n_evaluated = 0                 # counter: positions decoded since load (tests assert KV reuse)

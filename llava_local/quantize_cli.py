@@ -80,9 +80,10 @@ def _types(_ctx, _param, value: str) -> tuple[str, ...]:
               help="Encodes the images (once, with the source mmproj): torch, onnx, native or mtmd.")
 @click.option("--threads", type=click.IntRange(1), default=None, envvar="LLAVA_LOCAL_THREADS",
               help="CPU threads (default: all cores).")
-@click.option("--repack/--no-repack", default=False, show_default=True,
-              help="Let llama.cpp repack weights for its CPU extra kernels (AMX...): faster where they run; "
-                   "SIGILL on VMs that advertise AMX without enabling it.")
+@click.option("--repack/--no-repack", default=None,
+              help="Force llama.cpp's weight repacking for its CPU extra kernels (AMX, AVX2...) on or off. "
+                   "Default: on, unless a once-per-CPU probe saw it die (SIGILL on VMs that advertise AMX "
+                   "without enabling it).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the quantized LLMs here (default: a temporary directory, emptied as it goes).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,

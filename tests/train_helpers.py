@@ -1,5 +1,5 @@
 """Shared pieces of the train/ tests: a small shapes dataset and tiny configs on the tiny LLaVA of
-tiny_llava.py (56 px CLIP, 2-layer Llama, SmolLM2 vocabulary). Nothing is downloaded."""
+train/tiny_models.py (56 px CLIP, 2-layer Llama, SmolLM2 vocabulary). Nothing is downloaded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,13 +39,6 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 @pytest.fixture()
 def no_weight_repacking(monkeypatch):
-    """Quantized GGUFs on llama.cpp without its CPU weight repacking (see bench/eval_shapes.py:
-    the AMX repack path dies with SIGILL on machines that advertise but cannot run AMX)."""
-    import llama_cpp
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    monkeypatch.setattr(llama_cpp, "llama_model_default_params", params)
+    """Quantized GGUFs on llama.cpp without its CPU weight repacking (LlamaLLM reads the variable
+    at every load; the repacked kernels are covered by the probe's own tests)."""
+    monkeypatch.setenv("LLAVA_LOCAL_EXTRA_BUFTS", "0")
