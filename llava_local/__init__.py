@@ -65,10 +65,12 @@ class Model:
 
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, *,
          hf_repo: str | None = None, hf_quant: str | None = None, vision_backend: str = "auto",
-         n_ctx: int | None = None, gpu_layers: int = 0, vision_device: str = "cpu", threads: int | None = None,
-         template: str | None = None, verbose: bool = False) -> Model:
+         n_ctx: int | None = None, gpu_layers: int | str = "auto", vision_device: str = "auto",
+         threads: int | None = None, template: str | None = None, verbose: bool = False) -> Model:
     """Load a model: the embedded demo model by default, a converted directory, an LLM .gguf plus
-    `mmproj`, or a Hugging Face repo of GGUF files (`hf_repo`)."""
+    `mmproj`, or a Hugging Face repo of GGUF files (`hf_repo`). `gpu_layers` "auto" offloads all the
+    LLM layers that fit the GPU (0 on a CPU build), `vision_device` "auto" uses the GPU when the vision
+    backend can; `m.engine.placement.describe()` says what runs where and why."""
     from .engine import Engine
     from .model_source import find_model
     pair = find_model(model, mmproj, hf_repo=hf_repo, hf_quant=hf_quant)

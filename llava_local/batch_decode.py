@@ -104,8 +104,11 @@ class _Batch:
 
 
 class BatchDecoder:
-    def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, capacity: int | None = None):
-        """`llm`: a LlamaLLM with n_seq_max >= n_seq. `capacity`: KV cells usable (default n_ctx)."""
+    def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, capacity: int | None = None,
+                 ignore_eos: bool = False):
+        """`llm`: a LlamaLLM with n_seq_max >= n_seq. `capacity`: KV cells usable (default n_ctx).
+        `ignore_eos`: end-of-generation tokens are never sampled, so every answer runs to its
+        max_tokens (llama.cpp's --ignore-eos: benchmarks compare equal amounts of work)."""
         if n_seq < 1:
             raise LlavaLocalError(f"n_seq must be >= 1, got {n_seq}")
         self.llm, self.L = llm, llm._L
@@ -117,6 +120,8 @@ class BatchDecoder:
         self.active: dict[int, _Seq] = {}
         self.reserved = 0                            # KV cells promised to active sequences
         self.n_decode_calls = 0
+        self._eog = (np.array([t for t in range(llm.n_vocab) if llm.is_eog(t)], np.int64) if ignore_eos
+                     else None)
         self.reset()
 
     # --- state ---
@@ -172,6 +177,9 @@ class BatchDecoder:
 
     def _sample(self, seq: _Seq, logits: np.ndarray, done: list[SeqResult]) -> None:
         req = seq.req
+        if self._eog is not None:
+            logits = logits.copy()          # a view of llama.cpp's buffer: leave that as it was
+            logits[self._eog] = -np.inf
         tok = req.sampler(logits, seq.tokens)
         if self.llm.is_eog(tok):
             return self._finish(seq, "stop", done)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .caption_worker import CaptionItem, WorkerConfig, WorkerSupervisor
+from .caption_worker import CaptionItem, WorkerConfig, WorkerSupervisor, resolve_worker
 from .errors import LlavaLocalError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,9 @@ class CaptionConfig:
     prompt: str
     system: str | None
     template: str | None       # --template override (else the GGUF's, covered by `llm`)
-    vision_backend: str        # as requested: backends differ (mtmd has upstream #25814)
+    vision_backend: str        # as resolved (never "auto"): backends differ (mtmd has upstream #25814)
+    vision_device: str         # "cpu" or "gpu", as resolved: kernels differ in rounding
+    llm_device: str            # "cpu" or "gpu" (any layer offloaded), as resolved
     sampling: dict             # SamplingParams fields + max_tokens
 
     def fingerprint(self) -> str:
@@ -206,10 +208,16 @@ class CaptionConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def llm_device(worker: WorkerConfig) -> str:
+    """"gpu" when any LLM layer is offloaded (after resolve_worker), else "cpu"."""
+    return "gpu" if isinstance(worker.gpu_layers, int) and worker.gpu_layers > 0 else "cpu"
+
+
 def caption_config(worker: WorkerConfig) -> CaptionConfig:
     return CaptionConfig(llm=file_identity(worker.llm_path), mmproj=file_identity(worker.mmproj_path),
                          prompt=worker.prompt, system=worker.system, template=worker.template,
-                         vision_backend=worker.vision_backend,
+                         vision_backend=worker.vision_backend, vision_device=worker.vision_device,
+                         llm_device=llm_device(worker),
                          sampling={**dataclasses.asdict(worker.sampling), "max_tokens": worker.max_tokens})
 
 
@@ -504,6 +512,7 @@ def run_job(job: CaptionJob, *, on_plan: Callable[[JobSummary, int], None] | Non
     LlavaLocalError; KeyboardInterrupt propagates; either way the journal is synced and closed and
     every record written so far stays (run the job again to resume)."""
     t0 = time.perf_counter()
+    job = dataclasses.replace(job, worker=resolve_worker(job.worker))   # "auto" decided once, before the fingerprint
     config = job.config or caption_config(job.worker)
     fp = config.fingerprint()
     items = [it for it in job.items if in_shard(it.key, job.shard)]
@@ -543,7 +552,8 @@ def _run_locked(job, fp, summary, t0, on_plan, on_ready, on_record) -> JobSummar
             try:
                 for rec in sup.run(todo):
                     rec = {**rec, "fingerprint": fp, "model": model_name, "prompt": job.worker.prompt,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                           "vision_backend": job.worker.vision_backend, "vision_device": job.worker.vision_device,
+                           "llm_device": llm_device(job.worker), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                     writer.write(rec)
                     results[rec["key"]] = rec
                     if rec["status"] == "ok":

@@ -66,13 +66,14 @@ class WorkerConfig:
     max_tokens: int = 128
     parallel: int = 4               # sequences decoded together (llama.cpp n_seq_max)
     io_threads: int = 2             # image decoding + squaring threads
-    vision_backend: str = "auto"
-    vision_device: str = "cpu"
+    vision_backend: str = "auto"     # "auto" values are decided by resolve_worker before the job starts
+    vision_device: str = "auto"
     n_ctx: int | None = None        # None: room for `parallel` full answers (see _context_size)
-    gpu_layers: int = 0
+    gpu_layers: int | str = "auto"
     threads: int | None = None
     template: str | None = None
     verbose: bool = False
+    ignore_eos: bool = False        # benchmarks: every caption runs to max_tokens (batch_decode.py)
 
 
 class WorkerStartError(LlavaLocalError):
@@ -119,6 +120,22 @@ def _context_size(cfg: WorkerConfig, image_tokens: int) -> int:
     return text + cfg.parallel * (image_tokens + len(cfg.prompt.encode()) + 64 + cfg.max_tokens)
 
 
+def resolve_worker(cfg: WorkerConfig) -> WorkerConfig:
+    """The config with "auto" placement (GPU layers, vision backend and device) decided here, in
+    the job's process, by placement.resolve_placement: records and their fingerprint then name what
+    actually runs, and every restarted worker runs the same."""
+    if "auto" not in (cfg.vision_backend, cfg.vision_device, cfg.gpu_layers) and cfg.gpu_layers != "all":
+        return cfg
+    from .model_pair import resolve_pair
+    from .placement import resolve_placement
+    pair = resolve_pair(cfg.llm_path, cfg.mmproj_path)
+    p = resolve_placement(pair, gpu_layers=cfg.gpu_layers, vision_backend=cfg.vision_backend,
+                          vision_device=cfg.vision_device, n_ctx=cfg.n_ctx or _context_size(cfg, pair.image_tokens),
+                          workload="batch", n_seq=cfg.parallel)
+    log.info("caption worker: %s", p.describe())
+    return replace(cfg, vision_backend=p.vision_backend, vision_device=p.vision_device, gpu_layers=p.gpu_layers)
+
+
 class _Worker:
     def __init__(self, cfg: WorkerConfig):
 
@@ -144,7 +161,7 @@ class _Worker:
         before, after = text.split(IMAGE_MARKER)
         self.prefix = llm.tokenize(before)
         self.suffix = llm.tokenize(after)
-        self.decoder = BatchDecoder(llm, self.prefix, n_seq=cfg.parallel)
+        self.decoder = BatchDecoder(llm, self.prefix, n_seq=cfg.parallel, ignore_eos=cfg.ignore_eos)
         self.per_item = pair.image_tokens + len(self.suffix) + cfg.max_tokens
         self.effective_parallel = min(cfg.parallel, self.decoder.capacity // self.per_item)
         if self.effective_parallel < 1:
@@ -158,7 +175,9 @@ class _Worker:
         self.pool = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="caption-io")
         self.crash_key = os.environ.get(TEST_CRASH_ENV)
         self.meta: dict[str, tuple] = {}     # key -> (item, load_s, encode_s) while decoding
-        self.info = {"vision_backend": self.engine.vision.name, "parallel": self.effective_parallel,
+        pl = self.engine.placement
+        self.info = {"vision_backend": self.engine.vision.name, "vision_device": pl.vision_device,
+                     "llm_device": pl.llm_device, "gpu_layers": pl.gpu_layers, "parallel": self.effective_parallel,
                      "n_ctx": llm.n_ctx, "prefix_tokens": len(self.prefix), "pid": os.getpid()}
 
     def _load(self, item: CaptionItem):

@@ -74,6 +74,7 @@ def _format_stats(session) -> str:
                      f"prefill {t['prefill_s']*1000:.1f} ms ({t['prefill_tok_per_s']:.0f} tok/s) · "
                      f"decode {t['decode_s']*1000:.1f} ms ({t['decode_tok_per_s']:.1f} tok/s)")
     tot = session.totals
+    lines.append("placement: " + session.engine.placement.describe())
     lines.append(f"session: {tot['turns']} turns, {tot['prompt_tokens']} prompt positions evaluated, "
                  f"{tot['reused_tokens']} reused from the KV cache, {tot['generated_tokens']} generated")
     return "\n".join(lines)
@@ -239,7 +240,8 @@ def _chat(images, prompt, as_json, kw):
     sampling = sampling_from(kw)
     pair = pair_from(kw)                             # model files checked first (RELIABILITY.md)
     loaded = [load_image(p) for p in paths]          # then every image, before the model loads
-    engine = engine_from(kw, pair)
+    # one question: start-up dominates, so the resolver picks the backend that loads fastest
+    engine = engine_from(kw, pair, workload="oneshot" if prompt is not None else "session")
     try:
         session = engine.chat_session(system=kw["system"], sampling=sampling, max_tokens=kw["max_tokens"])
         if prompt is not None:

@@ -10,6 +10,19 @@ import click
 from .sampling import SamplingParams
 
 
+class GpuLayers(click.ParamType):
+    """auto | all | an integer >= 0."""
+    name = "auto|all|N"
+
+    def convert(self, value, param, ctx):
+        from .errors import LlavaLocalError
+        from .placement import parse_gpu_layers
+        try:
+            return parse_gpu_layers(value)
+        except LlavaLocalError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def model_options(fn):
     opts = [
         click.option("-m", "--model", envvar="LLAVA_LOCAL_MODEL", type=click.Path(exists=True), default=None,
@@ -23,12 +36,15 @@ def model_options(fn):
         click.option("--hf-quant", envvar="LLAVA_LOCAL_HF_QUANT", default=None,
                      help="Which LLM file of --hf-repo, e.g. Q4_K_M (default: the smallest good quant)."),
         click.option("--vision-backend", envvar="LLAVA_LOCAL_VISION_BACKEND", default="auto", show_default=True,
-                     help="auto (the most faithful available), torch, mtmd, onnx or native."),
-        click.option("--vision-device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-                     envvar="LLAVA_LOCAL_VISION_DEVICE"),
-        click.option("-ngl", "--gpu-layers", type=click.IntRange(0), default=0, show_default=True,
+                     help="auto (the fastest exact backend here: native, torch or onnx), native, torch, onnx, "
+                          "or mtmd (llama.cpp's own clip graph, not exact: only when asked)."),
+        click.option("--vision-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+                     envvar="LLAVA_LOCAL_VISION_DEVICE",
+                     help="auto: the GPU when the build and the vision backend can use it."),
+        click.option("-ngl", "--gpu-layers", type=GpuLayers(), default="auto", show_default=True,
                      envvar="LLAVA_LOCAL_GPU_LAYERS",
-                     help="LLM layers offloaded to the GPU (needs a CUDA/Metal build of llama-cpp-python)."),
+                     help="LLM layers offloaded to the GPU: auto (all that fit the GPU's free memory; 0 on a "
+                          "CPU build of llama-cpp-python), all, or a number."),
         click.option("--ctx", type=click.IntRange(16), default=None, envvar="LLAVA_LOCAL_CTX",
                      help="Context size in tokens (default: 4096, or the LLM's training context if smaller)."),
         click.option("--threads", type=click.IntRange(1), default=None, envvar="LLAVA_LOCAL_THREADS",
@@ -64,11 +80,11 @@ def pair_from(kw: dict):
     return find_model(kw["model"], kw["mmproj"], hf_repo=kw["hf_repo"], hf_quant=kw["hf_quant"])
 
 
-def engine_from(kw: dict, pair):
+def engine_from(kw: dict, pair, *, workload: str = "session"):
     from .engine import Engine
     return Engine(pair, vision_backend=kw["vision_backend"], n_ctx=kw["ctx"], n_gpu_layers=kw["gpu_layers"],
                   vision_device=kw["vision_device"], threads=kw["threads"], template=kw["template"],
-                  verbose=kw["verbose"])
+                  workload=workload, verbose=kw["verbose"])
 
 
 def status(msg: str) -> None:

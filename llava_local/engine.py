@@ -9,6 +9,7 @@ Images become embeddings (vision backend), the prompt becomes template segments
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from .errors import BackendUnavailableError
 from .images import LoadedImage, load_image
 from .llm import LlamaLLM
 from .model_pair import ModelPair, check_context
+from .placement import backend_can_use_gpu, backend_order, resolve_placement
 from .prompt_format import choose_format
 from .sampling import SamplingParams
 from .templates import DEFAULT_TEMPLATE, Message, get_template, tokenize_segments
@@ -32,23 +34,28 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
 DEFAULT_CTX = 4096
 EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576 x 4096 fp32 = 9 MB each)
-# "auto": exact backends first — our ggml graph (same kernels as llama.cpp: CPU/CUDA/Metal), then
-# PyTorch, then ONNX (only where exported), then llama.cpp's own (inexact, upstream #25814) graph
-BACKEND_PREFERENCE = ("native", "torch", "onnx", "mtmd")
 
 
 class Engine:
-    def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int | None = None, n_gpu_layers: int = 0,
-                 vision_device: str = "cpu", threads: int | None = None, template: str | None = None,
-                 all_logits: bool = False, precise: bool = False, n_seq_max: int = 1, verbose: bool = False):
+    """gpu_layers / vision_backend / vision_device: "auto" or a value, resolved once by
+    placement.resolve_placement (the GPU when there is one; exact vision backends only);
+    workload ("oneshot", "session", "batch") tells it which backend starts or runs fastest."""
+
+    def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int | None = None,
+                 n_gpu_layers: int | str = "auto", vision_device: str = "auto", threads: int | None = None,
+                 template: str | None = None, all_logits: bool = False, precise: bool = False, n_seq_max: int = 1,
+                 workload: str = "session", verbose: bool = False):
         self.pair = pair
         if n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
             n_ctx = min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
         check_context(pair, n_ctx)
         self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)  # training layout
-        self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
+        self.placement = resolve_placement(pair, gpu_layers=n_gpu_layers, vision_backend=vision_backend,
+                                           vision_device=vision_device, n_ctx=n_ctx, workload=workload,
+                                           n_seq=n_seq_max)
+        self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=self.placement.gpu_layers, n_threads=threads,
                             all_logits=all_logits, precise=precise, n_seq_max=n_seq_max, verbose=verbose)
-        self.vision = self._make_backend(vision_backend, vision_device=vision_device, threads=threads, verbose=verbose)
+        self.vision = self._make_backend(vision_backend == "auto", workload, threads=threads, verbose=verbose)
         bos = self.llm.bos
         self.format = choose_format(override=template, gguf_template=pair.chat_template, named=pair.template_name,
                                     bos_text=self.llm.token_text(bos) if bos is not None else "",
@@ -58,21 +65,32 @@ class Engine:
         st = pair.mmproj_path.stat()
         self._mmproj_id = f"{pair.mmproj_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         self._owner: ChatSession | None = None      # the session whose turns are in the KV cache
-        log.info("vision backend: %s; prompt format: %s", self.vision.name, self.format.name)
+        log.info("%s; prompt format: %s", self.placement.describe(), self.format.name)
 
-    def _make_backend(self, name: str, **kw):
-        names = BACKEND_PREFERENCE if name == "auto" else (name,)
+    def _make_backend(self, auto: bool, workload: str, **kw):
+        """The resolved backend; when it was chosen automatically and cannot load this file, the next
+        exact one (never llama.cpp's inexact clip graph: that only on request)."""
+        p = self.placement
+        names = [p.vision_backend] + ([n for n in backend_order(workload, p.vision_device == "gpu")
+                                       if n != p.vision_backend] if auto else [])
         errors = []
         for n in names:
+            device = p.vision_device if backend_can_use_gpu(n, p.gpu) else "cpu"
             try:
-                return create_backend(n, self.pair.mmproj, llm=self.llm, **kw)
+                backend = create_backend(n, self.pair.mmproj, llm=self.llm, vision_device=device, **kw)
             except BackendUnavailableError as exc:
-                if name != "auto":
+                if not auto:
                     raise
-                # the native encoder is expected: say why it is not used (the others are optional)
-                (log.warning if n == "native" else log.info)("vision backend %s unavailable, trying the next: %s", n, exc)
-                errors.append(str(exc))
-        raise BackendUnavailableError("no vision backend can run here: " + "; ".join(errors))
+                log.warning("vision backend %s cannot run here, trying the next exact one: %s", n, exc)
+                errors.append(f"{n}: {exc}")
+                continue
+            if n != p.vision_backend or device != p.vision_device:
+                self.placement = dataclasses.replace(p, vision_backend=n, vision_device=device,
+                                                     reasons=p.reasons + tuple(errors))
+            return backend
+        raise BackendUnavailableError("no exact vision backend can run here (" + "; ".join(errors) + "). "
+                                      "--vision-backend mtmd runs llama.cpp's own clip graph, which is not "
+                                      "exact (upstream #25814)")
 
     # --- pieces ---
     def load_images(self, images: Sequence[ImageInput]) -> list[LoadedImage]:

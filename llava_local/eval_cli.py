@@ -90,7 +90,7 @@ def _eval(questions, image_root, n_shapes, shapes_seed, judge, judge_threads, ju
             from .text_generation import TextGenerator
             judge_gen = TextGenerator(judge, threads=judge_threads or kw["threads"], verbose=kw["verbose"])
             meta |= {"judge": Path(judge).name}
-        engine = engine_from(kw, pair)
+        engine = engine_from(kw, pair, workload="batch")
         meta |= {"vision_backend": engine.vision.name}
         bar = tqdm(total=len(qs), desc="eval", unit="q", file=sys.stderr, disable=None)
         try:

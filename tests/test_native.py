@@ -301,11 +301,17 @@ def test_cmake_builds_from_scratch(tmp_path):
 
 
 def test_auto_picks_native_when_built(pair_f32):
-    """`--vision-backend auto` uses the native encoder when it is built (not a silent fallback)."""
+    """`--vision-backend auto` uses the native encoder when it is built (not a silent fallback) for
+    one-shot work (no PyTorch import); long CPU sessions get PyTorch's faster CPU kernels."""
     from llava_local.engine import Engine
-    eng = Engine(pair_f32, vision_backend="auto", n_ctx=256)
+    eng = Engine(pair_f32, vision_backend="auto", n_ctx=256, workload="oneshot")
     try:
         assert eng.vision.name == "native"
+    finally:
+        eng.close()
+    eng = Engine(pair_f32, vision_backend="auto", n_ctx=256, workload="session")
+    try:
+        assert eng.vision.name == "torch" and eng.placement.vision_device == "cpu"
     finally:
         eng.close()
 
@@ -322,7 +328,7 @@ def test_auto_falls_back_with_one_log_line(pair_f32, monkeypatch, caplog):
             raise BackendUnavailableError("native encoder not built: test")
     monkeypatch.setitem(BACKENDS, "native", Missing)
     with caplog.at_level(logging.WARNING, logger="llava_local.engine"):
-        eng = Engine(pair_f32, vision_backend="auto", n_ctx=256)
+        eng = Engine(pair_f32, vision_backend="auto", n_ctx=256, workload="oneshot")
     try:
         assert eng.vision.name == "torch"
         lines = [r.getMessage() for r in caplog.records if "native" in r.getMessage()]
