@@ -8,6 +8,17 @@
 
 CLI: `llava-local convert CHECKPOINT -o OUT --onnx` (with the GGUF pair and the manifest).
 
+From an mmproj GGUF alone (a downloaded pair, ours or upstream's legacy `mmproj-model-f16.gguf`):
+
+    from convert.onnx_export import export_onnx_from_mmproj
+    model = export_onnx_from_mmproj("models/mmproj-model-f16.gguf", "models/")
+    # models/mmproj-model-f16-vision.onnx (+ .onnx.data, .json): next to the mmproj, where the
+    # onnx backend looks for it
+
+CLI: `llava-local convert MMPROJ.gguf -o OUT --onnx`. The encoder is the one the `torch` backend
+builds from that file (llava_local/vision/torch_backend.py `build_modules`), so it is exactly as
+exact as the file's weights: F16 weights are widened, not restored.
+
 The graph is LLaVA's exact vision path, unlike llama.cpp's clip graph (upstream #25814):
 `pixel_values (B, 3, S, S) -> CLIP hidden_states[feature_layer] -> drop CLS -> Linear, GELU (erf),
 Linear -> image_embeds (B, n_tokens, n_embd)`. Only the CLIP layers up to the feature layer are
@@ -119,21 +130,28 @@ def build_encoder(ck: LlavaCheckpoint) -> LlavaVisionEncoder:
     return LlavaVisionEncoder(clip, *linears).eval()
 
 
-def sidecar(ck: LlavaCheckpoint, files: OnnxFiles, n_embd: int, opset: int) -> dict:
-    v = ck.vision
+def _sidecar(files: OnnxFiles, opset: int, *, image_size: int, patch_size: int, image_mean, image_std,
+             n_tokens: int, n_embd: int, feature_layer: int, source: dict) -> dict:
     return {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
         "model": files.model.name, "external_data": files.data.name, "opset": opset, "dtype": "float32",
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, v.image_size, v.image_size]},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", v.n_patches, n_embd]},
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, image_size, image_size]},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", n_tokens, n_embd]},
         # LLaVA-1.5 preprocessing (llava_local/preprocess.py): pad to square with the mean colour,
         # bicubic resize, x/255, (x - mean) / std, channels first
-        "image_size": v.image_size, "patch_size": v.patch_size,
+        "image_size": image_size, "patch_size": patch_size,
         "pad_to_square": True, "resample": "bicubic", "rescale_factor": 1 / 255,
-        "image_mean": list(v.image_mean), "image_std": list(v.image_std),
-        "n_tokens": v.n_patches, "n_embd": n_embd, "feature_layer": v.feature_layer,
-        "source": {"name": ck.name, "layout": ck.layout},
+        "image_mean": list(image_mean), "image_std": list(image_std),
+        "n_tokens": n_tokens, "n_embd": n_embd, "feature_layer": feature_layer,
+        "source": source,
     }
+
+
+def sidecar(ck: LlavaCheckpoint, files: OnnxFiles, n_embd: int, opset: int) -> dict:
+    v = ck.vision
+    return _sidecar(files, opset, image_size=v.image_size, patch_size=v.patch_size, image_mean=v.image_mean,
+                    image_std=v.image_std, n_tokens=v.n_patches, n_embd=n_embd, feature_layer=v.feature_layer,
+                    source={"name": ck.name, "layout": ck.layout})
 
 
 def _torch_export(module: torch.nn.Module, path: Path, image_size: int, opset: int) -> None:
@@ -154,33 +172,69 @@ def export_onnx(checkpoint: str | os.PathLike | LlavaCheckpoint, out_dir: str | 
 
     Returns the `.onnx` path; its sidecar is `sidecar_path(it)`, its weights `it` + ".data".
     """
-    import onnx
-    if opset < MIN_OPSET:
-        raise ConversionError(f"ONNX opset {opset} < {MIN_OPSET} (LayerNormalization needs 17)")
+    _check_opset(opset)
     ck = checkpoint if isinstance(checkpoint, LlavaCheckpoint) else \
         read_checkpoint(Path(checkpoint), vision_tower=Path(vision_tower) if vision_tower else None)
     name = ck.name if name is None else name
-    out = Path(out_dir)
-    files = onnx_files(out, name)          # refuse a bad name before anything is created
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    files = onnx_files(out_dir, name)      # refuse a bad name before anything is created
     module = build_encoder(ck)
-    n_embd = module.linear_2.out_features
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-vision.", suffix=".part", dir=out))
+    sc = sidecar(ck, files, module.linear_2.out_features, opset)
+    return _write(module, files, sc, opset)
+
+
+def default_mmproj_name(mmproj_path: Path) -> str:
+    """`<prefix>-mmproj-<TYPE>.gguf` (ours) -> `<prefix>`, anything else (`mmproj-model-f16.gguf`) -> its stem:
+    the two names the onnx backend looks for next to an mmproj."""
+    prefix, sep, _ = mmproj_path.name.rpartition("-mmproj-")
+    return prefix if sep and prefix else mmproj_path.stem
+
+
+def export_onnx_from_mmproj(mmproj: str | os.PathLike, out_dir: str | os.PathLike, *,
+                            name: str | None = None, opset: int = MIN_OPSET) -> Path:
+    """Export the vision side stored in an mmproj GGUF (either FFN naming, any weight type the
+    `torch` backend reads), with the same files and sidecar as `export_onnx`. Returns the `.onnx` path."""
+    from llava_local.mmproj import read_mmproj
+    from llava_local.vision.torch_backend import build_modules
+    _check_opset(opset)
+    mm = read_mmproj(mmproj)               # ModelFilesError with the reason for a file it cannot run
+    name = default_mmproj_name(mm.path) if name is None else name
+    files = onnx_files(out_dir, name)
+    module = LlavaVisionEncoder(*build_modules(mm, attn_implementation="eager")).eval()
+    sc = _sidecar(files, opset, image_size=mm.image_size, patch_size=mm.patch_size, image_mean=mm.image_mean,
+                  image_std=mm.image_std, n_tokens=mm.image_tokens, n_embd=mm.projection_dim,
+                  feature_layer=mm.feature_layer,
+                  source={"name": mm.path.name, "layout": "mmproj-legacy" if mm.ffn_swapped else "mmproj"})
+    return _write(module, files, sc, opset)
+
+
+def _check_opset(opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise ConversionError(f"ONNX opset {opset} < {MIN_OPSET} (LayerNormalization needs 17)")
+
+
+def _write(module: LlavaVisionEncoder, files: OnnxFiles, sc: dict, opset: int) -> Path:
+    """Trace `module`, check the graph, and place graph, weights and sidecar `sc` atomically."""
+    import onnx
+    image_size, n_tokens = sc["image_size"], sc["n_tokens"]
+    out = files.model.parent
+    out.mkdir(parents=True, exist_ok=True)
+    name = files.model.name
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".part", dir=out))
     placed: list[Path] = []
     try:
         raw = tmp / "traced.onnx"
-        _torch_export(module, raw, ck.vision.image_size, opset)
+        _torch_export(module, raw, image_size, opset)
         del module
         model = onnx.load(str(raw))        # with its external data, if torch wrote any (> 2 GB)
         # the tracer leaves the token axis symbolic (it comes from the CLS slice): state it
-        model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = ck.vision.n_patches
+        model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = n_tokens
         staged = tmp / files.model.name
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=files.data.name, size_threshold=0)
         del model
         onnx.checker.check_model(str(staged), full_check=True)   # the path form also checks external data
-        (tmp / files.sidecar.name).write_text(json.dumps(sidecar(ck, files, n_embd, opset), indent=2) + "\n")
+        (tmp / files.sidecar.name).write_text(json.dumps(sc, indent=2) + "\n")
         # data first, graph next, sidecar last: a reader never finds a graph without its weights
         for p in (files.data, files.model, files.sidecar):
             os.replace(tmp / p.name, p)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -56,7 +57,7 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output directory for the GGUF files and manifest.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
@@ -79,6 +80,8 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
 
     Reads the llava-hf layout (LlavaForConditionalGeneration, also what `llava-local train`
     writes) and the original LLaVA layout (LlavaLlamaForCausalLM + a CLIP directory).
+    Given an mmproj .gguf instead (ours, or a downloaded one), `--onnx` exports its exact
+    vision encoder only (float32); put it next to the mmproj for `--vision-backend onnx` to find it.
 
     \b
     Examples:
@@ -86,8 +89,12 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
       llava-local convert ./llava-v1.5-7b --vision-tower ./clip-vit-large-patch14-336 -o out/ --outtype f32
       llava-local convert ./llava-1.5-7b-hf -o out/ --onnx
       llava-local convert ./llava-1.5-7b-hf -o out/ --quantize Q4_K_M
+      llava-local convert models/mmproj-model-f16.gguf -o models/ --onnx
     """
     _setup_logging(verbose)
+    if os.path.isfile(checkpoint):
+        _export_mmproj_onnx(checkpoint, out_dir, name, onnx)
+        return
     from convert import convert as do_convert
     from tqdm import tqdm
 
@@ -105,6 +112,23 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
     for key in ("model", "sidecar"):
         if "onnx" in result.manifest:
             click.echo(str(result.manifest_path.parent / result.manifest["onnx"][key]))
+
+
+def _export_mmproj_onnx(mmproj: str, out_dir: str, name: str | None, onnx: bool) -> None:
+    """`convert MMPROJ.gguf --onnx`: only the ONNX encoder; checkpoint-only options are refused."""
+    ctx = click.get_current_context()
+    flags = {"outtype": "--outtype", "vision_tower": "--vision-tower", "tokenizer_pre": "--tokenizer-pre",
+             "qtype": "--quantize", "keep_unquantized": "--keep-unquantized"}
+    given = [f for p, f in flags.items() if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+    if not onnx:
+        raise click.UsageError(f"{mmproj} is a file: an mmproj GGUF converts only with --onnx (its vision encoder)")
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: for checkpoint directories, not an mmproj GGUF")
+    from convert.onnx_export import export_onnx_from_mmproj
+    from .vision.onnx_backend import sidecar_path
+    model = export_onnx_from_mmproj(mmproj, out_dir, name=name)
+    click.echo(str(model))
+    click.echo(str(sidecar_path(model)))
 
 
 @main.command()

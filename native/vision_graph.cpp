@@ -6,6 +6,7 @@
 //   CLIP; upstream appends CLS last (#25814), shifting every patch's position.
 // - quick-GELU x * sigmoid(1.702 x) is computed as silu(1.702 x) / 1.702 in F32: ggml's gelu_quick
 //   reads an FP16 lookup table on CPU, its sigmoid is a scalar loop, its silu is vectorised.
+//   A file with clip.use_gelu gets erf GELU (transformers' "gelu"); upstream runs the tanh one.
 // - the projector uses exact erf GELU (ggml_gelu_erf), as LLaVA's nn.GELU() does.
 // - the batch is one graph: every weight matrix multiplies B * T rows at once.
 #include "vision_graph.h"
@@ -60,10 +61,16 @@ ggml_tensor * attention(ggml_context * ctx, const hparams & hp, const layer_weig
     return linear(ctx, cur, L.o_w, L.o_b);                                  // (D, T, B)
 }
 
-ggml_tensor * mlp(ggml_context * ctx, const layer_weights & L, ggml_tensor * x) {
+ggml_tensor * mlp(ggml_context * ctx, const hparams & hp, const layer_weights & L, ggml_tensor * x) {
     ggml_tensor * h = linear(ctx, x, L.up_w, L.up_b);                       // (F, T, B)
-    h = ggml_silu(ctx, ggml_scale_inplace(ctx, h, QUICK_GELU_COEF));
-    h = ggml_scale_inplace(ctx, h, 1.0f / QUICK_GELU_COEF);
+    switch (hp.ffn) {
+        case ffn_op::gelu_quick:
+            h = ggml_silu(ctx, ggml_scale_inplace(ctx, h, QUICK_GELU_COEF));
+            h = ggml_scale_inplace(ctx, h, 1.0f / QUICK_GELU_COEF);
+            break;
+        case ffn_op::gelu_erf: h = ggml_gelu_erf(ctx, h); break;   // transformers' "gelu" (clip.cpp: tanh)
+        case ffn_op::silu:     h = ggml_silu(ctx, h); break;
+    }
     return linear(ctx, h, L.down_w, L.down_b);                              // (D, T, B)
 }
 
@@ -103,7 +110,7 @@ vision_graph build_graph(ggml_context * ctx, const model & m, int B, bool flash_
     for (int il = 0; il < hp.n_layer; ++il) {
         const layer_weights & L = m.layers[il];
         x = ggml_add(ctx, x, attention(ctx, hp, L, layer_norm(ctx, x, L.ln1_w, L.ln1_b, hp.eps), B, flash_attn, kv_type));
-        x = ggml_add(ctx, x, mlp(ctx, L, layer_norm(ctx, x, L.ln2_w, L.ln2_b, hp.eps)));
+        x = ggml_add(ctx, x, mlp(ctx, hp, L, layer_norm(ctx, x, L.ln2_w, L.ln2_b, hp.eps)));
     }
 
     // LLaVA's "default" feature selection drops CLS; no post-layernorm (it only feeds CLIP's pooler)

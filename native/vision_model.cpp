@@ -1,4 +1,5 @@
-// Loading an mmproj GGUF (the clip.* format convert/writers.py writes) into device tensors.
+// Loading an mmproj GGUF (the clip.* format convert/writers.py writes, or upstream's legacy LLaVA
+// converter with its swapped FFN names) into device tensors.
 //
 // Everything untrusted is checked before any allocation: key types (gguf's getters assert on a
 // wrong type, so they are only called after gguf_get_kv_type), geometry limits, every tensor's
@@ -104,6 +105,20 @@ struct meta {
         return true;
     }
 
+    // A bool key that may be absent (then `out` keeps its default).
+    bool get_opt_bool(const char * key, bool & out) const {
+        const int64_t id = find(key);
+        if (id < 0) {
+            return true;
+        }
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_BOOL) {
+            err = fmt("key %s has type %s, expected a bool", key, gguf_type_name(gguf_get_kv_type(g, id)));
+            return false;
+        }
+        out = gguf_get_val_bool(g, id);
+        return true;
+    }
+
     // A float key that may be absent (then `out` keeps its default).
     bool get_opt_float(const char * key, float & out) const {
         const int64_t id = find(key);
@@ -195,6 +210,26 @@ bool read_hparams(const gguf_context * g, hparams & hp, std::string & err) {
         err = "clip.has_vision_encoder is not true: this mmproj has no vision tower";
         return false;
     }
+    // LLaVA-1.6 ("anyres" tiles + image_newline), as the legacy converter writes it: another model
+    if (const int64_t id = m.find("clip.vision.image_grid_pinpoints");
+        id >= 0 && (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_n(g, id) > 0)) {
+        err = "clip.vision.image_grid_pinpoints is set: a LLaVA-1.6 (anyres) mmproj, which this encoder does not run";
+        return false;
+    }
+    if (const int64_t id = m.find("clip.vision.mm_patch_merge_type");
+        id >= 0 && (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING || strcmp(gguf_get_val_str(g, id), "flat") != 0)) {
+        err = "clip.vision.mm_patch_merge_type is not 'flat': a LLaVA-1.6 (anyres) mmproj, which this encoder does not run";
+        return false;
+    }
+    // clip.cpp's reading: use_gelu (what the legacy converter writes for hidden_act "gelu"), use_silu,
+    // else quick-GELU. transformers' "gelu" is the erf one, so that is what runs here.
+    bool use_gelu = false, use_silu = false;
+    if (!m.get_opt_bool("clip.use_gelu", use_gelu) || !m.get_opt_bool("clip.use_silu", use_silu)) return false;
+    if (use_gelu && use_silu) {
+        err = "clip.use_gelu and clip.use_silu are both set";
+        return false;
+    }
+    hp.ffn = use_gelu ? ffn_op::gelu_erf : use_silu ? ffn_op::silu : ffn_op::gelu_quick;
     int32_t block_count = 0;
     if (!m.get_int("clip.vision.image_size", 1, MAX_IMAGE_SIZE, hp.image_size)) return false;
     if (!m.get_int("clip.vision.patch_size", 1, MAX_IMAGE_SIZE, hp.patch_size)) return false;
@@ -239,6 +274,26 @@ bool read_hparams(const gguf_context * g, hparams & hp, std::string & err) {
     return true;
 }
 
+// Which FFN naming the file uses, decided as llama.cpp's clip.cpp does (clip_model_loader,
+// is_ffn_swapped): from the shape of ffn_down, whose input is the CLIP width only when it holds fc1.
+// A square MLP (n_ff == n_embd) leaves the shapes silent; clip.cpp then always swaps, we swap only
+// for files without general.type = "mmproj" (upstream's legacy converter never writes it; the
+// converters that name the tensors right do): the same rule as llava_local/mmproj.py.
+// Every block's shapes are then checked against this choice by expected_tensors.
+void read_ffn_layout(const gguf_context * g, hparams & hp) {
+    const int64_t id = gguf_find_tensor(g, "v.blk.0.ffn_down.weight");
+    if (id < 0) {
+        return;   // reported as a missing tensor
+    }
+    if (hp.n_ff != hp.n_embd) {
+        hp.ffn_swapped = gguf_get_tensor_ne(g, id)[0] == hp.n_embd;
+        return;
+    }
+    const int64_t type_id = gguf_find_key(g, "general.type");
+    hp.ffn_swapped = !(type_id >= 0 && gguf_get_kv_type(g, type_id) == GGUF_TYPE_STRING &&
+                       strcmp(gguf_get_val_str(g, type_id), "mmproj") == 0);
+}
+
 std::vector<tensor_spec> expected_tensors(model & m) {
     const hparams & hp = m.hp;
     const int64_t D = hp.n_embd, F = hp.n_ff, P = hp.patch_size;
@@ -270,10 +325,12 @@ std::vector<tensor_spec> expected_tensors(model & m) {
         add(b + "attn_out.bias", {D}, role::f32, &L.o_b);
         add(b + "ln2.weight", {D}, role::f32, &L.ln2_w);
         add(b + "ln2.bias", {D}, role::f32, &L.ln2_b);
-        add(b + "ffn_up.weight", {D, F}, role::matmul, &L.up_w);
-        add(b + "ffn_up.bias", {F}, role::f32, &L.up_b);
-        add(b + "ffn_down.weight", {F, D}, role::matmul, &L.down_w);
-        add(b + "ffn_down.bias", {D}, role::f32, &L.down_b);
+        const std::string fc1 = b + (hp.ffn_swapped ? "ffn_down." : "ffn_up.");
+        const std::string fc2 = b + (hp.ffn_swapped ? "ffn_up." : "ffn_down.");
+        add(fc1 + "weight", {D, F}, role::matmul, &L.up_w);
+        add(fc1 + "bias", {F}, role::f32, &L.up_b);
+        add(fc2 + "weight", {F, D}, role::matmul, &L.down_w);
+        add(fc2 + "bias", {D}, role::f32, &L.down_b);
     }
     add("mm.0.weight", {D, hp.n_mm_ff}, role::matmul, &m.mm0_w);
     add("mm.0.bias", {hp.n_mm_ff}, role::f32, &m.mm0_b);
@@ -361,6 +418,7 @@ int32_t load_model(const char * path, ggml_backend_buffer_type_t buft, bool f32_
     if (!read_hparams(g.get(), m.hp, err) || !read_projector_dims(g.get(), m.hp, err)) {
         return LLAVA_VISION_ERR_MODEL;
     }
+    read_ffn_layout(g.get(), m.hp);
     std::vector<tensor_spec> specs = expected_tensors(m);
     for (tensor_spec & s : specs) {
         if (const int32_t rc = check_tensor(g.get(), file_size, s, err); rc != LLAVA_VISION_OK) {

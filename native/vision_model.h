@@ -11,6 +11,9 @@
 
 namespace llava_vision {
 
+// CLIP MLP activations, as transformers' hidden_act: quick_gelu (OpenAI CLIP, LLaVA-1.5), gelu (erf), silu
+enum class ffn_op { gelu_quick, gelu_erf, silu };
+
 struct hparams {
     int32_t image_size = 0;   // S: pixels per side (336 for LLaVA-1.5)
     int32_t patch_size = 0;   // P: 14
@@ -21,6 +24,10 @@ struct hparams {
     int32_t n_mm_ff    = 0;   // projector hidden width (mm.0 output)
     int32_t n_out      = 0;   // projector output width = the LLM's embedding width
     float   eps        = 1e-5f;
+    // upstream's legacy converter (tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py) names
+    // CLIP's fc1 "ffn_down" and fc2 "ffn_up"; true when this file does (see read_ffn_layout)
+    bool    ffn_swapped = false;
+    ffn_op  ffn        = ffn_op::gelu_quick;   // CLIP's MLP activation (clip.use_gelu / clip.use_silu)
 
     int32_t n_side()    const { return image_size / patch_size; }
     int32_t n_patches() const { return n_side() * n_side(); }
@@ -35,8 +42,8 @@ struct layer_weights {
     ggml_tensor * v_w = nullptr, * v_b = nullptr;
     ggml_tensor * o_w = nullptr, * o_b = nullptr;
     ggml_tensor * ln2_w = nullptr, * ln2_b = nullptr;
-    ggml_tensor * up_w = nullptr, * up_b = nullptr;
-    ggml_tensor * down_w = nullptr, * down_b = nullptr;
+    ggml_tensor * up_w = nullptr, * up_b = nullptr;       // CLIP's fc1 (D -> F), whatever the file calls it
+    ggml_tensor * down_w = nullptr, * down_b = nullptr;   // CLIP's fc2 (F -> D)
 };
 
 struct model {

@@ -8,8 +8,9 @@ tests/test_onnx.py) and portable. Make the files with `llava-local convert CKPT 
     backend = create_backend("onnx", pair.mmproj, onnx_path="x-vision.onnx", vision_device="gpu")
 
 The model is found from the manifest next to the mmproj (its "onnx" entry), else as
-`<prefix>-vision.onnx` for an mmproj named `<prefix>-mmproj-<TYPE>.gguf`. Its JSON sidecar must
-agree with the mmproj (tokens, width, image size, normalisation), and every external-data location
+`<prefix>-vision.onnx` for an mmproj named `<prefix>-mmproj-<TYPE>.gguf`, else as `<stem>-vision.onnx`
+(what `llava-local convert mmproj-model-f16.gguf -o . --onnx` writes for a downloaded pair). Its JSON
+sidecar must agree with the mmproj (tokens, width, image size, normalisation), and every external-data location
 in the graph must stay inside the model's folder (CVE-2024-27318): both are checked before
 onnxruntime sees the file.
 """
@@ -81,6 +82,9 @@ def find_onnx_model(mmproj_path: Path) -> Path:
     prefix, sep, _ = mmproj_path.name.rpartition("-mmproj-")
     if sep and (folder / model_name(prefix)).is_file():
         return folder / model_name(prefix)
+    # what `llava-local convert MMPROJ.gguf --onnx` names it for other mmproj names (mmproj-model-f16.gguf)
+    if (folder / model_name(mmproj_path.stem)).is_file():
+        return folder / model_name(mmproj_path.stem)
     raise BackendUnavailableError(f"no ONNX vision model next to {mmproj_path.name} "
                                   "(make one with `llava-local convert --onnx`)")
 

@@ -3,6 +3,9 @@
 It rebuilds a transformers `CLIPVisionModel` with the stored layers (the converter writes exactly
 the layers up to LLaVA's feature layer) and LLaVA-1.5's projector (Linear, exact erf GELU, Linear),
 and runs them in float32. Exact, slower than the others: the tests' reference and a CPU fallback.
+Either FFN naming is read (`MmprojInfo.ffn_swapped`: upstream's legacy converter swaps fc1/fc2).
+
+`build_modules(mmproj)` is the same rebuild for other users: convert/onnx_export.py exports it.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BackendUnavailableError, ModelFilesError
-from ..gguf_names import CLIP_BLOCK_TENSORS, CLIP_TENSORS, PROJECTOR_TENSORS
+from ..gguf_names import CLIP_TENSORS, PROJECTOR_TENSORS
 from ..preprocess import preprocess_batch
 from .base import VisionBackend, register_backend
 
@@ -32,6 +35,53 @@ def _read_tensors(path) -> dict[str, np.ndarray]:
     return out
 
 
+def build_modules(m, *, attn_implementation: str | None = None):
+    """(CLIPVisionModel with `m.feature_layer` layers, linear_1, linear_2), float32 on the CPU, with
+    the mmproj's weights. `attn_implementation="eager"` for tracing (plain MatMul/Softmax)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    tensors = _read_tensors(m.path)
+    cfg = CLIPVisionConfig(hidden_size=m.hidden_size, intermediate_size=m.n_ff, num_hidden_layers=m.feature_layer,
+                           num_attention_heads=m.n_heads, image_size=m.image_size, patch_size=m.patch_size,
+                           layer_norm_eps=m.layer_norm_eps, hidden_act=m.ffn_act)
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    clip = CLIPVisionModel(cfg).eval()
+    state = {}
+    for rel, gname in CLIP_TENSORS.items():
+        state[rel] = tensors.get(gname)
+    for bid in range(m.feature_layer):
+        for rel, gname in m.block_tensor_names(bid).items():
+            for sfx in (".weight", ".bias"):
+                state[rel + sfx] = tensors.get(gname + sfx)
+    sd = clip.state_dict()
+    missing = [k for k in sd if state.get(k) is None and not k.startswith("post_layernorm")]
+    if missing:
+        raise ModelFilesError(f"{m.path}: cannot rebuild CLIP, missing {missing[:3]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if state.get(k) is not None:
+                if tuple(v.shape) != state[k].shape:
+                    raise ModelFilesError(f"{m.path}: tensor for {k} has shape {state[k].shape}, "
+                                          f"expected {tuple(v.shape)}")
+                v.copy_(torch.from_numpy(state[k]))
+    linears = []
+    for key in ("linear_1", "linear_2"):
+        g = PROJECTOR_TENSORS[key]
+        w, b = tensors.get(g + ".weight"), tensors.get(g + ".bias")
+        if w is None or b is None or w.ndim != 2 or b.shape != w.shape[:1]:
+            raise ModelFilesError(f"{m.path}: projector tensors {g}.weight/.bias missing or misshapen")
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w))
+            lin.bias.copy_(torch.from_numpy(b))
+        linears.append(lin)
+    if linears[0].in_features != m.hidden_size or linears[1].in_features != linears[0].out_features:
+        raise ModelFilesError(f"{m.path}: projector shapes {tuple(linears[0].weight.shape)}, "
+                              f"{tuple(linears[1].weight.shape)} do not chain from CLIP width {m.hidden_size}")
+    return clip, linears[0], linears[1]
+
+
 @register_backend("torch")
 class TorchBackend(VisionBackend):
     exact = True
@@ -40,44 +90,16 @@ class TorchBackend(VisionBackend):
         super().__init__(mmproj)
         try:
             import torch
-            from transformers import CLIPVisionConfig, CLIPVisionModel
+            import transformers  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailableError(f"the torch vision backend needs torch and transformers ({exc})") from None
         self._torch = torch
         if threads:
             torch.set_num_threads(threads)
-        m = mmproj
-        tensors = _read_tensors(m.path)
-        ffn = tensors["v.blk.0.ffn_up.weight"].shape[0]
-        cfg = CLIPVisionConfig(hidden_size=m.hidden_size, intermediate_size=ffn, num_hidden_layers=m.feature_layer,
-                               num_attention_heads=m.n_heads, image_size=m.image_size, patch_size=m.patch_size,
-                               layer_norm_eps=m.layer_norm_eps, hidden_act="quick_gelu")
         self.device = torch.device("cuda" if vision_device == "gpu" and torch.cuda.is_available() else "cpu")
-        clip = CLIPVisionModel(cfg).eval()
-        state = {}
-        for rel, gname in CLIP_TENSORS.items():
-            state[rel] = tensors[gname]
-        for bid in range(m.feature_layer):
-            for rel, gname in CLIP_BLOCK_TENSORS.items():
-                for sfx in (".weight", ".bias"):
-                    state[rel.format(bid=bid) + sfx] = tensors[gname.format(bid=bid) + sfx]
-        sd = clip.state_dict()
-        missing = [k for k in sd if k not in state and not k.startswith("post_layernorm")]
-        if missing:
-            raise ModelFilesError(f"{m.path}: cannot rebuild CLIP, missing {missing[:3]}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                if k in state:
-                    if tuple(v.shape) != state[k].shape:
-                        raise ModelFilesError(f"{m.path}: tensor for {k} has shape {state[k].shape}, expected {tuple(v.shape)}")
-                    v.copy_(torch.from_numpy(state[k]))
+        clip, linear_1, linear_2 = build_modules(mmproj)
         self.clip = clip.to(self.device)
-        p = {}
-        for key in ("linear_1", "linear_2"):
-            g = PROJECTOR_TENSORS[key]
-            p[key] = (torch.from_numpy(tensors[g + ".weight"]).to(self.device),
-                      torch.from_numpy(tensors[g + ".bias"]).to(self.device))
-        self.proj = p
+        self.proj = {"linear_1": linear_1.to(self.device), "linear_2": linear_2.to(self.device)}
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) normalised pixels -> (B, n_tokens, n_embd)."""
@@ -86,10 +108,8 @@ class TorchBackend(VisionBackend):
             x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
             out = self.clip(pixel_values=x, output_hidden_states=True)
             h = out.hidden_states[self.mmproj.feature_layer][:, 1:]       # (B, 576, 1024): CLS dropped
-            w1, b1 = self.proj["linear_1"]
-            w2, b2 = self.proj["linear_2"]
-            h = torch.nn.functional.gelu(h @ w1.T + b1)                      # (B, 576, 4096), exact erf GELU
-            h = h @ w2.T + b2                                                # (B, 576, n_embd)
+            h = torch.nn.functional.gelu(self.proj["linear_1"](h))       # (B, 576, 4096), exact erf GELU
+            h = self.proj["linear_2"](h)                                  # (B, 576, n_embd)
             return h.float().cpu().numpy()
 
     def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
