@@ -109,7 +109,14 @@ class Template:
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
+# llama.cpp recognises a GGUF's template by substrings, not by rendering it (llama-chat.cpp
+# `llm_chat_detect_template`: Vicuna = "USER: " and "ASSISTANT: ", and no "SYSTEM: ", which would make
+# it Orca-Vicuna). The rendered text has "ASSISTANT:" right before a Jinja tag, so the leading comment
+# carries both substrings: it renders nothing, and upstream tools then run our files without --jinja
+# (with llama.cpp's own Vicuna layout; --jinja renders exactly this one). No "-" in the comment's tags:
+# llama.cpp's Jinja lexer does not strip whitespace around comments.
 VICUNA_V1_JINJA = (
+    "{# LLaVA-1.5 vicuna_v1: system prompt, then USER: question ASSISTANT: answer #}"
     "{%- set ns = namespace(system='" + VICUNA_SYSTEM.replace("'", "\\'") + "', start=0) -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"
