@@ -142,13 +142,6 @@ class Engine:
                      max_tokens: int = 512) -> ChatSession:
         return ChatSession(self, system=system, sampling=sampling, max_tokens=max_tokens)
 
-    def stream(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
-               max_tokens: int = 256, sampling: SamplingParams = SamplingParams()):
-        """One-shot: yield text pieces, then the final `Answer` (a fresh conversation every call)."""
-        session = self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens)
-        yield from session.send(prompt, images)
-        yield session.last
-
     def ask(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
             max_tokens: int = 256, sampling: SamplingParams = SamplingParams()) -> Answer:
         return self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens).ask(prompt, images)
