@@ -28,13 +28,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _user_errors(fn):
-    """Bad inputs (missing files, malformed data, bad options) become one `Error:` line."""
+    """Bad inputs (missing files, malformed data, bad options: LlavaLocalError, including train.errors)
+    become one `Error:` line; anything else is a bug and keeps its traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from llava_local.errors import LlavaLocalError
         try:
             return fn(*args, **kwargs)
-        except (LlavaLocalError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+        except (LlavaLocalError, FileNotFoundError) as exc:
             root = click.get_current_context().find_root()
             if (root.params or {}).get("debug"):
                 raise

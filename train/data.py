@@ -29,6 +29,7 @@ from llava_local.images import load_image
 from llava_local.preprocess import PreprocessConfig, preprocess
 from llava_local.templates import IMAGE_MARKER, Message, Template, tokenize_segments
 
+from .errors import TrainDataError
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,18 @@ def to_messages(conversations: list[dict], *, template: Template, has_image: boo
     for i, turn in enumerate(conversations):
         role = ROLES.get(turn.get("from"))
         if role is None:
-            raise ValueError(f"turn {i}: unknown speaker {turn.get('from')!r} (expected human/gpt)")
+            raise TrainDataError(f"turn {i}: unknown speaker {turn.get('from')!r} (expected human/gpt)")
         value = turn.get("value")
         if not isinstance(value, str):
-            raise ValueError(f"turn {i}: value must be a string")
+            raise TrainDataError(f"turn {i}: value must be a string")
         msgs.append(Message(role, value))
     users = [i for i, m in enumerate(msgs) if m.role == "user"]
     n_markers = sum(m.content.count(IMAGE_MARKER) for m in msgs)
     if not has_image:
         if n_markers:
-            raise ValueError(f"{IMAGE_MARKER} in a record without an image")
+            raise TrainDataError(f"{IMAGE_MARKER} in a record without an image")
     elif n_markers > 1 or any(IMAGE_MARKER in m.content for j, m in enumerate(msgs) if users and j != users[0]):
-        raise ValueError(f"exactly one {IMAGE_MARKER}, in the first human turn, is supported")
+        raise TrainDataError(f"exactly one {IMAGE_MARKER}, in the first human turn, is supported")
     elif users:
         first = msgs[users[0]].content
         if n_markers == 0 or image_position == "front":
@@ -115,7 +116,7 @@ def encode_independent(conversations: list[dict], *, template: Template, tok: Te
     itself, at the positions it would have alone (the attention mask is built in collate), so no
     turn can read another's answer."""
     if len(conversations) % 2 or len(conversations) < 2:
-        raise ValueError("independent turns need human/gpt pairs")
+        raise TrainDataError("independent turns need human/gpt pairs")
     # shared context: the lines of the first human turn before its question (the image goes first)
     first = conversations[0].get("value", "")
     first = first.replace(IMAGE_MARKER, "").strip() if has_image else first
@@ -164,9 +165,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             records = json.loads(Path(cfg.json_path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{cfg.json_path}: cannot read LLaVA JSON ({exc})") from None
+            raise TrainDataError(f"{cfg.json_path}: cannot read LLaVA JSON ({exc})") from None
         if not isinstance(records, list) or not all(isinstance(r, dict) and "conversations" in r for r in records):
-            raise ValueError(f"{cfg.json_path}: expected a list of records with 'conversations'")
+            raise TrainDataError(f"{cfg.json_path}: expected a list of records with 'conversations'")
         self.records = records
         self._cache: dict[int, dict] = {}
 
@@ -188,7 +189,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                                      max_len=self.cfg.max_len)
             keep = has_image and IMAGE_PLACEHOLDER in enc.ids
             if has_image and not keep:
-                raise ValueError(f"the image does not fit in max_len {self.cfg.max_len}")
+                raise TrainDataError(f"the image does not fit in max_len {self.cfg.max_len}")
             return enc, keep
         msgs = to_messages(rec["conversations"], template=self.cfg.template, has_image=has_image,
                            image_position=self.cfg.image_position)
@@ -209,7 +210,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             enc, keep_image = self.encode_record(rec)
         except ValueError as exc:
-            raise ValueError(f"{self.cfg.json_path}: record {rec.get('id', i)!r}: {exc}") from None
+            raise TrainDataError(f"{self.cfg.json_path}: record {rec.get('id', i)!r}: {exc}") from None
         pixels = None
         if keep_image:
             path = Path(self.cfg.image_folder) / rec["image"]

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import TrainConfigError
 from .model import parts
 
 
@@ -80,7 +81,7 @@ def wrap(module: nn.Module, d: Dist, *, fsdp: bool) -> nn.Module:
     """DDP or FSDP around the training module (`LlavaForTraining`); unchanged for one process."""
     if fsdp:
         if not d.distributed:
-            raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2)")
+            raise TrainConfigError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2)")
         from torch.distributed.fsdp import fully_shard
         vision, _, lm = parts(module.llava)
         clip = getattr(vision, "vision_model", vision)   # transformers 5 keeps CLIPVisionModel flat

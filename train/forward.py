@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from .errors import TrainDataError
 from .model import parts
 
 
@@ -42,7 +43,7 @@ class LlavaForTraining(nn.Module):
         outside = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
         outside[ids] = False
         if bool(emb.detach()[outside].any()) or bool(head.detach()[outside].any()):
-            raise ValueError("output_vocab.json is set but embedding rows outside it are not zero")
+            raise TrainDataError("output_vocab.json is set but embedding rows outside it are not zero")
         lookup = torch.full((emb.shape[0],), -1, dtype=torch.long, device=emb.device)
         lookup[ids] = torch.arange(len(ids), device=emb.device)
         self.register_buffer("ids", ids, persistent=False)
@@ -78,7 +79,7 @@ class LlavaForTraining(nn.Module):
             return parts(self.llava)[2].get_input_embeddings()(input_ids.clamp(min=0))   # (B, T, D)
         text = (input_ids >= 0) & attention_mask.bool()
         if bool((self.lookup[input_ids[text]] < 0).any()):
-            raise ValueError("an input token outside output_vocab.json occurs in the data")
+            raise TrainDataError("an input token outside output_vocab.json occurs in the data")
         return F.embedding(self.lookup[input_ids.clamp(min=0)].clamp(min=0), self.embed_rows)   # (B, T, D)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
@@ -92,7 +93,7 @@ class LlavaForTraining(nn.Module):
         if pixel_values is not None:
             feats = self.image_features(pixel_values)                         # (N, P, D)
             if feats.shape[0] * feats.shape[1] != int(image_mask.sum()):
-                raise ValueError(f"{int(image_mask.sum())} image positions for {feats.shape[0]} images of "
+                raise TrainDataError(f"{int(image_mask.sum())} image positions for {feats.shape[0]} images of "
                                  f"{feats.shape[1]} tokens")
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
         else:
@@ -107,7 +108,7 @@ class LlavaForTraining(nn.Module):
             logits = self.llava.lm_head(hk)                                   # (n_labelled, vocab)
             return F.cross_entropy(logits.float(), tk, reduction="sum")
         if bool((self.lookup[tk] < 0).any()):
-            raise ValueError("a target token outside output_vocab.json occurs in the data")
+            raise TrainDataError("a target token outside output_vocab.json occurs in the data")
         logits = (hk @ self.head_rows.T).float()                              # (n_labelled, n_kept)
         rest = logits.new_full((logits.shape[0], 1), self.log_n_other)       # every other token: logit 0
         return F.cross_entropy(torch.cat([logits, rest], 1), self.lookup[tk], reduction="sum")

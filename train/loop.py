@@ -43,6 +43,7 @@ from .config import Stage2Config, TrainConfig
 from .data import DataConfig, LlavaDataset, collate, default_image_folder, n_targets
 from .distributed import (Dist, all_sum, barrier, compute_cleanup, compute_init, full_model_state, grad_sync,
                           load_optimizer_state, optimizer_state, wrap)
+from .errors import TrainConfigError
 from .lora import add_lora, has_lora, merged_state_dict, trainable_state
 from .forward import LlavaForTraining
 from .model import (apply_freeze, build_from_parts, load_llava, n_image_tokens, parts, preprocess_config,
@@ -73,7 +74,7 @@ class Plan:
 
 def make_plan(cfg: TrainConfig, n_records: int) -> Plan:
     if n_records < cfg.batch_size:
-        raise ValueError(f"{cfg.data}: {n_records} records, fewer than one global batch ({cfg.batch_size})")
+        raise TrainConfigError(f"{cfg.data}: {n_records} records, fewer than one global batch ({cfg.batch_size})")
     per_epoch = n_records // cfg.batch_size      # the last partial batch of an epoch is dropped
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
     return Plan(per_epoch, total, int(math.ceil(cfg.warmup_ratio * total)))
@@ -158,7 +159,7 @@ def prepare_model(cfg: TrainConfig, resume_from: Path | None) -> Prepared:
     elif cfg.vision_tower and cfg.llm:
         model = build_from_parts(cfg.vision_tower, cfg.llm)
     else:
-        raise ValueError("give --model (a llava-hf checkpoint) or both --vision-tower and --llm")
+        raise TrainConfigError("give --model (a llava-hf checkpoint) or both --vision-tower and --llm")
     tok_dir = _tokenizer_source(cfg, Path(cfg.out))
     pp = preprocess_config(model, init if init is not None else None)
     if init is not None:
@@ -315,11 +316,11 @@ def train(cfg: TrainConfig, callbacks: tuple[Callable[[int, float], None], ...] 
 
 def _train(cfg: TrainConfig, d: Dist, callbacks) -> TrainResult:
     if not cfg.out:
-        raise ValueError("--out is required")
+        raise TrainConfigError("--out is required")
     if cfg.batch_size % d.world:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {d.world} processes")
+        raise TrainConfigError(f"batch size {cfg.batch_size} is not divisible by {d.world} processes")
     if cfg.fsdp and isinstance(cfg, Stage2Config) and cfg.lora:
-        raise ValueError("--fsdp with --lora is not supported (LoRA adapters are small: use DDP)")
+        raise TrainConfigError("--fsdp with --lora is not supported (LoRA adapters are small: use DDP)")
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     resume_from = find_checkpoint(cfg)
@@ -338,7 +339,7 @@ def _train(cfg: TrainConfig, d: Dist, callbacks) -> TrainResult:
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp and prep.output_vocab is not None:
-        raise ValueError("--fsdp is not supported for closed-vocabulary models (output_vocab.json): use DDP")
+        raise TrainConfigError("--fsdp is not supported for closed-vocabulary models (output_vocab.json): use DDP")
     core = LlavaForTraining(model, prep.output_vocab)
     module = wrap(core, d, fsdp=cfg.fsdp)
     opt = make_optimizer(core, cfg)         # after wrapping: FSDP replaces the parameters
@@ -432,7 +433,7 @@ def _restore(ckpt: Path, model, module, opt, sched, d: Dist) -> tuple[int, list[
         params = dict(model.named_parameters())
         missing = [k for k in saved if k not in params]
         if missing:
-            raise ValueError(f"{ckpt}: trainable tensors {missing[:3]} do not exist in the model (different LoRA setup?)")
+            raise TrainConfigError(f"{ckpt}: trainable tensors {missing[:3]} do not exist in the model (different LoRA setup?)")
         with torch.no_grad():
             for k, v in saved.items():
                 params[k].copy_(v)

@@ -24,6 +24,7 @@ from torch import nn
 
 from llava_local.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
+from .errors import TrainConfigError
 from .tokenizer import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def build_from_parts(vision_tower: str | os.PathLike, llm: str | os.PathLike, *,
     lm = _load_llm(Path(llm))
     tcfg = lm.config
     if tcfg.model_type != "llama":
-        raise ValueError(f"{llm}: LLM model_type {tcfg.model_type!r}; llama.cpp conversion needs a Llama-architecture LLM")
+        raise TrainConfigError(f"{llm}: LLM model_type {tcfg.model_type!r}; llama.cpp conversion needs a Llama-architecture LLM")
     tie = bool(getattr(tcfg, "tie_word_embeddings", False))
     cfg = LlavaConfig(vision_config=clip.config, text_config=tcfg, vision_feature_layer=-2,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
@@ -95,7 +96,7 @@ def load_llava(path: str | os.PathLike):
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
     feature_layer = model.config.vision_feature_layer
     if not isinstance(feature_layer, int) or model.config.vision_feature_select_strategy != "default":
-        raise ValueError(f"{path}: only one vision feature layer with the 'default' strategy is supported (LLaVA-1.5)")
+        raise TrainConfigError(f"{path}: only one vision feature layer with the 'default' strategy is supported (LLaVA-1.5)")
     return model.eval()
 
 
@@ -137,7 +138,7 @@ def parts(model) -> tuple[nn.Module, nn.Module, nn.Module]:
 def apply_freeze(model, rule: str) -> list[str]:
     """Set requires_grad per FREEZE_RULES; returns the trainable parameter names."""
     if rule not in FREEZE_RULES:
-        raise ValueError(f"unknown freeze rule {rule!r} (known: {', '.join(FREEZE_RULES)})")
+        raise TrainConfigError(f"unknown freeze rule {rule!r} (known: {', '.join(FREEZE_RULES)})")
     vision_on, proj_on, llm_on = FREEZE_RULES[rule]
     vision, proj, llm = parts(model)
     for module, on in ((vision, vision_on), (proj, proj_on), (llm, llm_on), (model.lm_head, llm_on)):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .errors import TrainConfigError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
@@ -43,7 +45,7 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     probe = hf("a", add_special_tokens=True)["input_ids"]
     bos = hf.bos_token_id if hf.bos_token_id is not None and probe and probe[0] == hf.bos_token_id else None
     if hf.eos_token_id is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token (needed to end assistant turns)")
+        raise TrainConfigError(f"{path}: the tokenizer has no EOS token (needed to end assistant turns)")
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
     return TextTokenizer(hf, bos, int(hf.eos_token_id), int(pad))
 
