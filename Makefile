@@ -8,7 +8,7 @@ SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # the CPU wheel; for CUDA/Metal see README ("GPU builds")
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install deps demo test test-slow demo-model bench clean
+.PHONY: install deps demo test test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo
 
 install deps: $(STAMP) $(SMOLLM2)
 
@@ -31,11 +31,29 @@ demo: deps
 test: deps
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: deps
+test-slow: deps upstream-tools
 	$(PY) -m pytest -q -m slow
+
+# upstream llama.cpp's llama-mtmd-cli and llama-quantize, built once from the pinned llama-cpp-python's
+# vendored llama.cpp (bench/build_upstream.sh): the slow tests run our files in them
+upstream-tools: $(STAMP)
+	PYTHON=$(PY) bash bench/build_upstream.sh
+
+test-upstream: deps upstream-tools
+	$(PY) -m pytest -q -m slow tests/test_upstream_tools.py
+
+# rewrite the shipped demo LLM's chat template to templates.py's (tensors and other metadata unchanged)
+retemplate-demo: deps
+	$(PY) -m convert.retemplate llava_local/data/demo/shapes-demo-llm-Q8_0.gguf
 
 demo-model: deps
 	$(PY) -m train.demo_model --out llava_local/data/demo
+
+# correctness and speed on this machine's GPU (bench/gpu_check.py); without one, its CPU half runs and
+# the GPU checks SKIP. With another interpreter (e.g. a CUDA build in its own venv): make gpu-check PY=...
+.PHONY: gpu-check
+gpu-check:
+	$(PY) -X faulthandler bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .pytest_cache

@@ -3,6 +3,7 @@
     python bench/vision_encoders.py                          # F16, batch 1 and 8, all CPU threads
     python bench/vision_encoders.py --outtypes f16,f32 --threads 2 --batches 1,8 --json out.json
     python bench/vision_encoders.py --threads 1 --batches 1 --backends native,mtmd --native-variants
+    python bench/vision_encoders.py --vision-device gpu --batches 1,8,32 --backends native,mtmd   # CUDA/Metal build
 
 The model has random weights and the real LLaVA-1.5 vision cost: CLIP ViT-L/14 at 336 px (24
 layers, 23 run for feature layer -2, width 1024, 16 heads, MLP 4096, 577 positions) and the
@@ -11,10 +12,11 @@ MLP): mtmd needs an LLM to bind to and the projector's output width must equal t
 built and converted once into --work-dir (about 2 GB) and reused.
 
 Every backend encodes the same 336x336 PIL images through `VisionBackend.encode` (preprocessing
-included) on the CPU. `mtmd` encodes one image per call (libmtmd has no batch API); `native` runs the
-batch as one graph; `onnx` runs the F32 ONNX export (whatever --outtypes says). All backends are
-loaded together, warmed up with one image, then timed in turns: --repeats rounds per batch size,
-each backend once per round, so a change in the machine's load does not favour one of them.
+included) on the CPU, or with --vision-device gpu on the GPU of llama.cpp's build (torch: CUDA).
+`mtmd` encodes one image per call (libmtmd has no batch API); `native` runs the batch as one graph;
+`onnx` runs the F32 ONNX export (whatever --outtypes says). All backends are loaded together,
+warmed up with one image, then timed in turns: --repeats rounds per batch size, each backend once
+per round, so a change in the machine's load does not favour one of them.
 
 Cells show images/s and, in brackets, images per CPU-second of the process: on a shared machine the
 second is the steadier figure (with --threads 1 it is the kernels' own speed). Prints a Markdown
@@ -33,7 +35,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from llava_local.llm import LlamaLLM  # noqa: E402
 from llava_local.mmproj import read_mmproj  # noqa: E402
@@ -50,7 +51,7 @@ def build_checkpoint(out_dir: Path) -> Path:
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration)
-    from tiny_llava import smollm2_tokenizer_dir
+    from train.tiny_models import smollm2_tokenizer_dir
 
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -103,58 +104,68 @@ def time_call(backend, imgs) -> tuple[float, float]:
     return wall, cpu
 
 
-def run(args) -> list[dict]:
-    """All backends are loaded together and timed in turns (round r: each backend once), so a change in
+def time_backends(llm_path: Path, mmproj_path: Path, names: list[str], batches: list[int], *, threads: int,
+                  repeats: int = 1, vision_device: str = "cpu", label: str = "") -> list[dict]:
+    """Images/s of each backend in `names` on one mmproj (the LLM only gives mtmd a model to bind to).
+    All backends are loaded together and timed in turns (round r: each backend once), so a change in
     the machine's load lands on all of them rather than on whichever ran at that minute."""
+    rows = []
+    mmproj = read_mmproj(mmproj_path)
+    llm = LlamaLLM(llm_path, n_ctx=1024, n_threads=threads)
+    backends = {}
+    try:
+        for name in names:
+            kind = "native" if name in NATIVE_VARIANTS else name
+            if kind not in BACKENDS:
+                print(f"note: backend {name!r} is not registered here; skipped", file=sys.stderr)
+                continue
+            kw = {"threads": threads, "llm": llm, "vision_device": vision_device}
+            if kind == "native":
+                kw.update(max_batch=max(batches), **NATIVE_VARIANTS.get(name, {}))
+            backends[name] = create_backend(kind, mmproj, **kw)
+            backends[name].encode(images(1))  # warm-up: weights paged in, first graph allocated
+        for b in batches:
+            imgs = images(b)
+            spent = {name: [0.0, 0.0] for name in backends}
+            for _ in range(repeats):
+                for name, backend in backends.items():
+                    wall, cpu = time_call(backend, imgs)
+                    spent[name][0] += wall
+                    spent[name][1] += cpu
+            for name, (wall, cpu) in spent.items():
+                n = b * repeats
+                rows.append({"outtype": label, "backend": name, "batch": b, "threads": threads,
+                             "vision_device": vision_device, "images_per_s": n / wall,
+                             "images_per_cpu_s": n / max(cpu, 1e-9), "loadavg": os.getloadavg()[0]})
+                print(f"{label} {name:6s} batch {b}: {n / wall:.3f} images/s, {n / max(cpu, 1e-9):.3f} images/CPU-s "
+                      f"(load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    finally:
+        for backend in backends.values():
+            backend.close()
+        llm.close()
+    return rows
+
+
+def run(args) -> list[dict]:
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
     names = args.backends.split(",") + (list(NATIVE_VARIANTS) if args.native_variants else [])
     for outtype in args.outtypes.split(","):
         llm_path, mmproj_path = converted(Path(args.work_dir), outtype, onnx="onnx" in names and "onnx" in BACKENDS)
-        mmproj = read_mmproj(mmproj_path)
-        llm = LlamaLLM(llm_path, n_ctx=1024, n_threads=args.threads)
-        backends = {}
-        try:
-            for name in names:
-                kind = "native" if name in NATIVE_VARIANTS else name
-                if kind not in BACKENDS:
-                    print(f"note: backend {name!r} is not registered here; skipped", file=sys.stderr)
-                    continue
-                kw = {"threads": args.threads, "llm": llm}
-                if kind == "native":
-                    kw.update(max_batch=max(batches), **NATIVE_VARIANTS.get(name, {}))
-                backends[name] = create_backend(kind, mmproj, **kw)
-                backends[name].encode(images(1))  # warm-up: weights paged in, first graph allocated
-            for b in batches:
-                imgs = images(b)
-                spent = {name: [0.0, 0.0] for name in backends}
-                for _ in range(args.repeats):
-                    for name, backend in backends.items():
-                        wall, cpu = time_call(backend, imgs)
-                        spent[name][0] += wall
-                        spent[name][1] += cpu
-                for name, (wall, cpu) in spent.items():
-                    n = b * args.repeats
-                    rows.append({"outtype": outtype, "backend": name, "batch": b, "threads": args.threads,
-                                 "images_per_s": n / wall, "images_per_cpu_s": n / cpu,
-                                 "loadavg": os.getloadavg()[0]})
-                    print(f"{outtype} {name:6s} batch {b}: {n / wall:.3f} images/s, {n / cpu:.3f} images/CPU-s "
-                          f"(load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
-        finally:
-            for backend in backends.values():
-                backend.close()
-            llm.close()
+        rows += time_backends(llm_path, mmproj_path, names, batches, threads=args.threads, repeats=args.repeats,
+                              vision_device=args.vision_device, label=outtype)
     return rows
 
 
-def markdown(rows: list[dict], threads: int) -> str:
+def markdown(rows: list[dict], threads: int, device: str = "cpu") -> str:
     """Each cell: images/s (wall clock) and, in brackets, images per CPU-second. The second figure is
     the steadier one on a shared machine: other processes stretch wall time, not our CPU time."""
     cells = {(r["outtype"], r["backend"], r["batch"]): (r["images_per_s"], r["images_per_cpu_s"]) for r in rows}
     load = max((r["loadavg"] for r in rows), default=0.0)
     order = [*BACKEND_ORDER, *(v for v in NATIVE_VARIANTS if any(r["backend"] == v for r in rows))]
-    lines = [f"CPU ({os.cpu_count()} cores), {threads} thread(s), CLIP ViT-L/14-336 + mlp2x_gelu, random weights; "
-             f"images/s (images per CPU-second); highest load average seen {load:.1f}", "",
+    where = "GPU (vision), " if device == "gpu" else ""
+    lines = [f"{where}CPU ({os.cpu_count()} cores), {threads} thread(s), CLIP ViT-L/14-336 + mlp2x_gelu, "
+             f"random weights; images/s (images per CPU-second); highest load average seen {load:.1f}", "",
              "| weights | batch | " + " | ".join(order) + " | native / mtmd |",
              "|---|---:|" + "---:|" * len(order) + "---:|"]
     for outtype in dict.fromkeys(r["outtype"] for r in rows):
@@ -177,10 +188,12 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(REPO / ".cache" / "bench-vit-l-336"))
     ap.add_argument("--native-variants", action="store_true",
                     help="also time native with F16 matmuls and with softmax attention (its CPU defaults off)")
+    ap.add_argument("--vision-device", default="cpu", choices=("cpu", "gpu"),
+                    help="gpu: the GPU of llama.cpp's build (native, mtmd) and CUDA (torch)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     rows = run(args)
-    print(markdown(rows, args.threads))
+    print(markdown(rows, args.threads, args.vision_device))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -218,7 +218,8 @@ def caption_config(worker: WorkerConfig) -> CaptionConfig:
                          prompt=worker.prompt, system=worker.system, template=worker.template,
                          vision_backend=worker.vision_backend, vision_device=worker.vision_device,
                          llm_device=llm_device(worker),
-                         sampling={**dataclasses.asdict(worker.sampling), "max_tokens": worker.max_tokens})
+                         sampling={**dataclasses.asdict(worker.sampling), "max_tokens": worker.max_tokens,
+                                   **({"ignore_eos": True} if worker.ignore_eos else {})})
 
 
 # --------------------------------------------------------------------------------------------------

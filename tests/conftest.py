@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# test modules import the helpers beside them (conftest, train_helpers) by name
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_llava import TinySpec, build_tiny_llava, save_original_layout  # noqa: E402
+from train.tiny_models import TinySpec, build_tiny_llava, save_original_layout  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,12 @@ from collections import Counter
 import pytest
 
 from llava_local.templates import IMAGE_MARKER, get_template
-from tiny_llava import SMOLLM2_GGUF
 from train.data import to_messages
 from train.datagen import (KINDS, DatagenConfig, ParseError, build_record, dedup_key, generate_dataset,
                            journal_path, load_annotations, parse_teacher_output, read_journal, symbolic,
                            teacher_messages, trim_truncated, validate_record)
 from train.shapes_coco import write_shapes_coco
+from train.tiny_models import SMOLLM2_GGUF
 
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="SmolLM2 GGUF missing: run `make deps`")
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import random_image
 from llava_local.evaluation import (EvalResult, ItemResult, Question, load_questions, markdown_report, mc_prompt,
                                     parse_choice, parse_judge_scores)
-from tiny_llava import SMOLLM2_GGUF
+from train.tiny_models import SMOLLM2_GGUF
 
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="SmolLM2 GGUF missing: run `make deps`")
 
@@ -153,7 +153,7 @@ def test_shapes_eval_matches_bench_script(pair_f32):
     import importlib.util
 
     from llava_local.cli import main
-    from tiny_llava import REPO
+    from train.tiny_models import REPO
     spec = importlib.util.spec_from_file_location("eval_shapes", REPO / "bench" / "eval_shapes.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -18,7 +18,7 @@ from train.data import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataConfig, LlavaDatase
                         to_messages, truncate)
 from train.tokenizer import load_tokenizer
 
-N_IMG = 16   # tiny_llava: 56 px / 14 px patches -> 4x4
+N_IMG = 16   # train.tiny_models: 56 px / 14 px patches -> 4x4
 
 THREE_TURNS = [
     {"from": "human", "value": "What colour is the circle?\n<image>"},

@@ -98,7 +98,7 @@ def test_closed_vocabulary_loss_equals_full_softmax(tiny_ckpt):
         core.head_rows[5] += 2.0
     core.sync_vocab()
     assert torch.equal(model.get_input_embeddings().weight[5], core.embed_rows[5])
-    assert torch.equal(model.get_output_embeddings().weight[5], core.head_rows[5])   # tiny_llava: untied
+    assert torch.equal(model.get_output_embeddings().weight[5], core.head_rows[5])   # train.tiny_models: untied
     bad = ids.clone()
     bad[0, 0] = 1000                                    # a token whose row is zero
     with pytest.raises(ValueError, match="outside output_vocab"):

