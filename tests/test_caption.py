@@ -300,6 +300,9 @@ def test_greedy_captions_identical_with_parallel_1_and_8(tmp_path, model_dir):
         assert res.exit_code == 0, res.output
         assert f"parallel {n}" in res.stderr
         runs[n] = {r["key"]: (r["caption"], r["n_tokens"]) for r in records(out)}
+        # each record names what ran (--vision-device and -ngl were auto: resolved on this CPU build)
+        assert {(r["vision_backend"], r["vision_device"], r["llm_device"]) for r in records(out)} == \
+            {("mtmd", "cpu", "cpu")}
     assert len(runs[1]) == 13 and runs[1] == runs[8]
 
 

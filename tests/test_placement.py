@@ -123,22 +123,25 @@ def test_verbose_chat_says_where_things_run_and_why():
     assert p.stdout.strip()
 
 
-def test_python_api_and_caption_records_store_the_resolved_placement(tmp_path):
+def test_python_api_and_caption_jobs_resolve_auto_before_the_fingerprint():
     import llava_local
-    from llava_local.caption import CaptionJob, run_job
-    from llava_local.caption_worker import CaptionItem, WorkerConfig
+    from llava_local.caption import caption_config
+    from llava_local.caption_worker import WorkerConfig, resolve_worker
     with llava_local.load(threads=1) as m:
         assert m.engine.placement.gpu_layers == 0 and m.engine.placement.vision_device == "cpu"
-    pair = sorted(DEMO.glob("*.gguf"))
-    llm, mmproj = [p for p in pair if "-llm-" in p.name][0], [p for p in pair if "-mmproj-" in p.name][0]
-    out = tmp_path / "c.jsonl"
-    job = CaptionJob([CaptionItem("a", str(SAMPLE))], out,
-                     WorkerConfig(str(llm), str(mmproj), "Describe this picture.", max_tokens=4, parallel=1, threads=1))
-    summary = run_job(job)
-    assert summary.captioned == 1
-    rec = json.loads(out.read_text().splitlines()[0])
-    assert (rec["vision_backend"], rec["vision_device"], rec["llm_device"]) == ("torch", "cpu", "cpu")
-    assert summary.info["vision_backend"] == "torch" and summary.info["gpu_layers"] == 0
+        assert m.engine.vision.name == m.engine.placement.vision_backend == "torch"   # a session, on a CPU
+    llm, mmproj = next(DEMO.glob("*-llm-*.gguf")), next(DEMO.glob("*-mmproj-*.gguf"))
+    auto = WorkerConfig(str(llm), str(mmproj), "Describe this picture.", max_tokens=4, parallel=4)
+    assert (auto.vision_backend, auto.vision_device, auto.gpu_layers) == ("auto", "auto", "auto")
+    w = resolve_worker(auto)
+    assert (w.vision_backend, w.vision_device, w.gpu_layers) == ("torch", "cpu", 0)
+    cfg = caption_config(w)
+    assert (cfg.vision_backend, cfg.vision_device, cfg.llm_device) == ("torch", "cpu", "cpu")
+    # what ran decides the fingerprint: the same job on the GPU, or with native, is another job
+    from dataclasses import replace
+    assert caption_config(replace(w, vision_device="gpu")).fingerprint() != cfg.fingerprint()
+    assert caption_config(replace(w, vision_backend="native")).fingerprint() != cfg.fingerprint()
+    assert caption_config(replace(w, gpu_layers=33)).fingerprint() != cfg.fingerprint()
 
 
 def test_gpu_bisect_runs_its_variants_in_separate_processes(tmp_path):
