@@ -6,6 +6,7 @@ Results go to stdout, status and progress to stderr. Library errors (`LlavaLocal
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -13,13 +14,41 @@ import sys
 
 import click
 
-from .caption_cli import caption
 from .chat_cli import chat
-from .eval_cli import datagen, eval_cmd
-from .quantize_cli import eval_quant, quantize
-from train.cli import train as train_group   # train/ installs with the package (light import: torch loads lazily)
 from .cli_options import model_options, sampling_options
 from .errors import LlavaLocalError
+
+
+class _LazyCommand(click.Command):
+    """A subcommand whose module is imported only when it runs or its help is shown: `chat -p` races
+    llama-mtmd-cli from process start (bench/startup.py), and these modules cost it ~80 ms."""
+
+    def __init__(self, name: str, target: str):
+        super().__init__(name)
+        self._target, self._real = target, None
+
+    def real(self) -> click.Command:
+        if self._real is None:
+            module, attr = self._target.split(":")
+            self._real = getattr(importlib.import_module(module, __package__), attr)
+        return self._real
+
+    def make_context(self, info_name, args, parent=None, **extra):   # the context is the real command's
+        return self.real().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        return self.real().invoke(ctx)
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self.real().get_short_help_str(limit)
+
+
+caption = _LazyCommand("caption", ".caption_cli:caption")
+datagen = _LazyCommand("datagen", ".eval_cli:datagen")
+eval_cmd = _LazyCommand("eval", ".eval_cli:eval_cmd")
+eval_quant = _LazyCommand("eval-quant", ".quantize_cli:eval_quant")
+quantize = _LazyCommand("quantize", ".quantize_cli:quantize")
+train_group = _LazyCommand("train", "train.cli:train")   # train/ installs with the package; torch loads lazily
 
 log = logging.getLogger("llava_local")
 

@@ -77,7 +77,8 @@ class Engine:
         for n in names:
             device = p.vision_device if backend_can_use_gpu(n, p.gpu) else "cpu"
             try:
-                backend = create_backend(n, self.pair.mmproj, llm=self.llm, vision_device=device, **kw)
+                backend = create_backend(n, self.pair.mmproj, llm=self.llm, vision_device=device,
+                                         workload=workload, **kw)
             except BackendUnavailableError as exc:
                 if not auto:
                     raise

@@ -10,6 +10,10 @@ LLAVA_LOCAL_NATIVE_LIB=/path/to/libllava_vision.so points at another build.
 
     backend = create_backend("native", read_mmproj("mmproj-F16.gguf"), threads=8, max_batch=8)
     emb = backend.encode(images)               # (n_images, 576, 4096) float32
+
+On the CPU, F16/BF16 matrices are widened to F32 at load (`cpu_f32_weights`, native/README.md) except
+for `workload="oneshot"`, where the load time and twice the memory cost more than they save;
+`cpu_f32_weights=True/False` decides it explicitly.
 """
 from __future__ import annotations
 
@@ -100,9 +104,14 @@ class NativeBackend(VisionBackend):
     exact = True
 
     def __init__(self, mmproj, *, device: str = "cpu", vision_device: str | None = None, threads: int | None = None,
-                 max_batch: int = 8, flash_attn: bool | None = None, cpu_f32_weights: bool = True, **_):
+                 max_batch: int = 8, flash_attn: bool | None = None, cpu_f32_weights: bool | None = None,
+                 workload: str = "session", **_):
         super().__init__(mmproj)
         device = vision_device or device  # the engine passes vision_device
+        if cpu_f32_weights is None:
+            # One question: widening F16 to F32 at load costs seconds and doubles the weights' memory
+            # (ViT-L/14-336: 0.6 -> 1.25 GB), more than F32 matmuls save on one image (bench/startup.py).
+            cpu_f32_weights = workload != "oneshot"
         self._lib = lib = load_library()
         params = lib.llava_vision_default_params()
         params.n_threads = int(threads or 0)
