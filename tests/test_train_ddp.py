@@ -65,8 +65,16 @@ def test_torchrun_fsdp_stage2_matches_single_process(tiny_ckpt, split, tmp_path)
     _torchrun(cfg, "--fsdp")
     single = train(stage2_config(split, tiny_ckpt[1], tmp_path / "one", lr=1e-3, **ARGS))
     # Adam divides each gradient by its own running size: where a gradient is ~0 (float noise), a
-    # different summation order (FSDP's reduce-scatter) moves that weight by a visible part of lr. The
-    # loss curve must still agree to 1e-5; the weights to 2 % of one step (measured: 1.2e-5 at lr 1e-3)
+    # different summation order (FSDP's reduce-scatter, the threads of the single process's matmuls)
+    # moves that one weight by a visible part of lr, so the largest single difference depends on the
+    # machine (measured 1.2e-5 on one, 3.5e-5 on another, at lr 1e-3). The loss curve must agree to
+    # 1e-5; every weight to 10 % of one step; and the whole update (trained - initial weights) to 0.01 %
+    # (measured 9.8e-6).
     _compare(tmp_path / "fsdp", tmp_path / "one", single.losses, "torchrun x2 FSDP vs 1 process (stage 2)",
-             weight_tol=0.02 * cfg.lr)
+             weight_tol=0.1 * cfg.lr)
+    w0, wf, w1 = weights(tiny_ckpt[1]), weights(tmp_path / "fsdp"), weights(tmp_path / "one")
+    num = sum(float(((wf[k].double() - w1[k].double()) ** 2).sum()) for k in w1) ** 0.5
+    den = sum(float(((w1[k].double() - w0[k].double()) ** 2).sum()) for k in w1) ** 0.5
+    print(f"FSDP vs 1 process: |Δ update| / |update| = {num / den:.3g}")
+    assert den > 0 and num / den <= 1e-4
     assert json.loads((tmp_path / "fsdp" / "train_config.json").read_text())["fsdp"] is True
