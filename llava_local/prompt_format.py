@@ -129,13 +129,23 @@ _PROBE = [Message("user", IMAGE_MARKER + "\nWhat is this?"), Message("assistant"
           Message("user", "And now?")]
 
 
+def _body(jinja: str) -> str:
+    """A template without its leading Jinja comment: files converted before the comment that lets
+    llama.cpp detect vicuna_v1 (templates.py) hold the same template without it."""
+    if jinja.startswith("{#"):
+        end = jinja.find("#}")
+        if end >= 0:
+            return jinja[end + 2:]
+    return jinja
+
+
 def choose_format(*, override: str | None, gguf_template: str | None, named: str | None,
                   bos_text: str, eos_text: str) -> PromptFormat:
     """--template, else the GGUF's Jinja (sandboxed; our own converter's is recognised by name),
     else the manifest's named template, else vicuna_v1."""
     if override:
         return NamedFormat(get_template(override), bos_text, eos_text)
-    if named and gguf_template and gguf_template == get_template(named).jinja:
+    if named and gguf_template and _body(gguf_template) == _body(get_template(named).jinja):
         return NamedFormat(get_template(named), bos_text, eos_text)   # our converter wrote both
     if gguf_template:
         try:

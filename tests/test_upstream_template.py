@@ -77,6 +77,10 @@ def test_runtime_still_recognises_its_own_template():
     fmt = choose_format(override=None, gguf_template=get_template("vicuna_v1").jinja, named="vicuna_v1",
                         bos_text="<s>", eos_text="</s>")
     assert isinstance(fmt, NamedFormat) and fmt.name == "vicuna_v1"
+    # files converted before the detection comment hold the same template without it: still ours
+    old = get_template("vicuna_v1").jinja.split("#}", 1)[1]
+    fmt = choose_format(override=None, gguf_template=old, named="vicuna_v1", bos_text="<s>", eos_text="</s>")
+    assert isinstance(fmt, NamedFormat) and fmt.name == "vicuna_v1"
 
 
 def test_detection_comes_from_the_comment():
