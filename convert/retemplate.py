@@ -33,7 +33,8 @@ from pathlib import Path
 import gguf
 
 from llava_local import gguf_names as names
-from llava_local.errors import ConversionError
+from llava_local.errors import ConversionError, LlavaLocalError
+from llava_local.gguf_check import read_gguf_info
 from llava_local.templates import DEFAULT_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def retemplate(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     has that template."""
     src = Path(src)
     dst = Path(dst) if dst is not None else src
+    read_gguf_info(src)          # hostile or truncated headers: a clear error before gguf-py maps the file
     reader = gguf.GGUFReader(src)
     arch = _field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if arch == "clip":
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in a.gguf:
             changed = retemplate(path, a.output, template=a.template)
             print(f"{a.output or path}: {'template updated' if changed else 'already current'}")
-    except ConversionError as exc:
+    except LlavaLocalError as exc:   # ConversionError, ModelFilesError (missing, truncated, not a GGUF)
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -114,7 +114,7 @@ def mmproj_from_info(info: GGUFInfo) -> MmprojInfo:
     path = Path(info.path)
     if info.architecture != "clip":
         arch = info.architecture
-        hint = " — this looks like an LLM GGUF; pass it as the model, not --mmproj" if arch and arch != "clip" else ""
+        hint = " — this looks like an LLM GGUF, not an mmproj (vision) file" if arch and arch != "clip" else ""
         raise ModelFilesError(f"{path}: not an mmproj file (general.architecture is {arch!r}, expected 'clip'){hint}")
     ptype = info.get(K.Clip.PROJECTOR_TYPE)
     if ptype is None:

@@ -172,3 +172,14 @@ def test_retemplate_refuses_an_mmproj(converted_f32, tmp_path):
     from llava_local.errors import ConversionError
     with pytest.raises(ConversionError, match="mmproj"):
         retemplate(converted_f32.mmproj_path, tmp_path / "x.gguf")
+
+
+def test_retemplate_refuses_truncated_and_missing_files_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(DEMO_LLM.read_bytes()[:100])
+    for path, why in ((bad, "incomplete or not a GGUF file"), (tmp_path / "absent.gguf", "cannot open GGUF file")):
+        p = subprocess.run([sys.executable, "-m", "convert.retemplate", str(path)], capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.startswith(f"Error: {path}: ") and why in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
