@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import fileio
 from .caption_worker import CaptionItem, WorkerConfig, WorkerSupervisor, resolve_worker
 from .errors import LlavaLocalError
 
@@ -278,19 +279,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: a temporary in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a whole file or nothing (fileio.atomic_write), then sync its folder; errors are the job's."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fileio.atomic_write(path, data)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise CaptionOutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     _fsync_dir(path)
 

@@ -131,7 +131,7 @@ def resolve_worker(cfg: WorkerConfig) -> WorkerConfig:
     pair = resolve_pair(cfg.llm_path, cfg.mmproj_path)
     p = resolve_placement(pair, gpu_layers=cfg.gpu_layers, vision_backend=cfg.vision_backend,
                           vision_device=cfg.vision_device, n_ctx=cfg.n_ctx or _context_size(cfg, pair.image_tokens),
-                          workload="batch", n_seq=cfg.parallel)
+                          workload="batch")
     log.info("caption worker: %s", p.describe())
     return replace(cfg, vision_backend=p.vision_backend, vision_device=p.vision_device, gpu_layers=p.gpu_layers)
 

@@ -51,8 +51,7 @@ class Engine:
         check_context(pair, n_ctx)
         self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)  # training layout
         self.placement = resolve_placement(pair, gpu_layers=n_gpu_layers, vision_backend=vision_backend,
-                                           vision_device=vision_device, n_ctx=n_ctx, workload=workload,
-                                           n_seq=n_seq_max)
+                                           vision_device=vision_device, n_ctx=n_ctx, workload=workload)
         self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=self.placement.gpu_layers, n_threads=threads,
                             all_logits=all_logits, precise=precise, n_seq_max=n_seq_max, verbose=verbose)
         self.vision = self._make_backend(vision_backend == "auto", workload, threads=threads, verbose=verbose)

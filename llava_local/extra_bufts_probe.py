@@ -30,6 +30,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 ENV = "LLAVA_LOCAL_EXTRA_BUFTS"
@@ -94,9 +96,7 @@ def _write_cache(path: Path, key: str, outcome: str) -> None:
     data[key] = outcome
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
     except OSError as exc:  # a read-only home: probe again next time, never fail the load
         log.debug("cannot cache the extra buffer types probe in %s: %s", path, exc)
 

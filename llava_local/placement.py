@@ -166,7 +166,7 @@ def backend_can_use_gpu(name: str, gpu: GpuInfo | None) -> bool:
 
 # --- memory estimate for -ngl auto ---
 
-def _llm_bytes(pair: "ModelPair", n_ctx: int, n_seq: int) -> tuple[int, int, int]:
+def _llm_bytes(pair: "ModelPair", n_ctx: int) -> tuple[int, int, int]:
     """(bytes per repeating layer incl. its F16 KV cache, bytes of the output layer, n_layer)."""
     info = pair.llm
     arch = info.architecture or "llama"
@@ -191,9 +191,9 @@ def _llm_bytes(pair: "ModelPair", n_ctx: int, n_seq: int) -> tuple[int, int, int
     return layer, output, n_layer
 
 
-def fit_gpu_layers(pair: "ModelPair", gpu: GpuInfo, n_ctx: int, *, vision_on_gpu: bool, n_seq: int = 1) -> tuple[int, str]:
+def fit_gpu_layers(pair: "ModelPair", gpu: GpuInfo, n_ctx: int, *, vision_on_gpu: bool) -> tuple[int, str]:
     """As many layers as fit `gpu.free` after the vision encoder and headroom; (layers, why)."""
-    layer, output, n_layer = _llm_bytes(pair, n_ctx, n_seq)
+    layer, output, n_layer = _llm_bytes(pair, n_ctx)
     vision = int(pair.mmproj_path.stat().st_size * VISION_ACTIVATION_FACTOR) if vision_on_gpu else 0
     budget = gpu.free - GPU_RESERVE_BYTES - vision
     need_all = layer * n_layer + output
@@ -232,8 +232,7 @@ def backend_order(workload: str, on_gpu: bool) -> tuple[str, ...]:
 
 
 def resolve_placement(pair: "ModelPair", *, gpu_layers="auto", vision_backend: str = "auto",
-                      vision_device: str = "auto", n_ctx: int = 4096, workload: str = "session",
-                      n_seq: int = 1) -> Placement:
+                      vision_device: str = "auto", n_ctx: int = 4096, workload: str = "session") -> Placement:
     """Decide where everything runs; raises BackendUnavailableError when no exact backend can run
     and none was named (naming `--vision-backend mtmd` as the inexact way out)."""
     if workload not in WORKLOADS:
@@ -283,7 +282,7 @@ def resolve_placement(pair: "ModelPair", *, gpu_layers="auto", vision_backend: s
                            "(llama_supports_gpu_offload() is false)")
         else:
             ngl, why = fit_gpu_layers(pair, gpu, n_ctx, vision_on_gpu=vision_device == "gpu"
-                                      and vision_backend in ("native", "mtmd"), n_seq=n_seq)
+                                      and vision_backend in ("native", "mtmd"))
             reasons.append(why)
     elif ngl == "all":
         ngl = n_layer + 1
