@@ -37,10 +37,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llava_local.caption import PROMPTS, CaptionJob, discover_inputs, run_job  # noqa: E402
-from llava_local.caption_worker import WorkerConfig  # noqa: E402
-from llava_local.model_pair import resolve_pair  # noqa: E402
-from llava_local.model_source import DEMO_DIR  # noqa: E402
+from llava_local.caption.job import PROMPTS, CaptionJob, discover_inputs, run_job  # noqa: E402
+from llava_local.caption.worker import WorkerConfig  # noqa: E402
+from llava_local.runtime.model_pair import resolve_pair  # noqa: E402
+from llava_local.runtime.model_source import DEMO_DIR  # noqa: E402
 
 
 def make_images(d: Path, n: int, seed: int = 0) -> list[Path]:

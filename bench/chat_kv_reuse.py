@@ -33,7 +33,7 @@ def sample_image(path: str | None):
 
 
 def run_ours(pair, image, turns: int, max_tokens: int, backend: str, threads: int | None):
-    from llava_local.engine import Engine
+    from llava_local.runtime.engine import Engine
     eng = Engine(pair, vision_backend=backend, threads=threads)
     try:
         eng.ask("warm-up", [image], max_tokens=1)          # load lazily-initialised kernels
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    from llava_local.model_source import find_model
+    from llava_local.runtime.model_source import find_model
     pair = find_model(args.model, args.mmproj)
     image = sample_image(args.image)
     n_ctx = min(4096, pair.n_ctx_train or 4096)

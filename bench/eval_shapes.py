@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llava_local.engine import Engine  # noqa: E402
-from llava_local.model_pair import resolve_pair  # noqa: E402
-from llava_local.sampling import SamplingParams  # noqa: E402
+from llava_local.runtime.engine import Engine  # noqa: E402
+from llava_local.runtime.model_pair import resolve_pair  # noqa: E402
+from llava_local.runtime.sampling import SamplingParams  # noqa: E402
 from train.shapes import EVAL_KINDS, eval_records, exact_match, write_eval_images  # noqa: E402
 
 DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"

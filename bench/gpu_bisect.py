@@ -82,7 +82,7 @@ def child(opts: dict, model: str, mmproj: str) -> None:
             torch.zeros(1, device="cuda")   # initialise CUDA in this process, as the torch backend would
         _step(f"torch {torch.__version__} (cuda {torch.cuda.is_available()})")
     if opts.get("native_first"):
-        from llava_local.mmproj import read_mmproj
+        from llava_local.formats.mmproj import read_mmproj
         from llava_local.vision import create_backend
         create_backend("native", read_mmproj(mmproj), vision_device="gpu")
         _step("native encoder created")
@@ -92,8 +92,8 @@ def child(opts: dict, model: str, mmproj: str) -> None:
         L.llama_backend_init()
         _step("backend_init")
         if opts.get("callbacks"):
-            from llava_local import llm as llm_mod
-            llm_mod.llama_cpp_lib(verbose=False)      # installs our llama.cpp and libmtmd log callbacks
+            from llava_local.llama_lib import llama_cpp_lib
+            llama_cpp_lib(verbose=False)      # installs our llama.cpp and libmtmd log callbacks
             _step("log callbacks")
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = opts["ngl"]
@@ -106,7 +106,7 @@ def child(opts: dict, model: str, mmproj: str) -> None:
         _decode_some(L, model_p)
         L.llama_model_free(model_p)
     elif via == "llamallm":
-        from llava_local.llm import LlamaLLM
+        from llava_local.runtime.llm import LlamaLLM
         llm = LlamaLLM(model, n_ctx=512, n_gpu_layers=opts["ngl"])
         _step(f"model loaded (extra_bufts {llm.extra_bufts})")
         llm.eval_tokens(llm.tokenize("USER: hello ASSISTANT:"))

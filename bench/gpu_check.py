@@ -110,7 +110,7 @@ def gpu_files(env):
 
 
 def pair_of(files, llm_type: str, mmproj_type: str = "F16"):
-    from llava_local.model_pair import resolve_pair
+    from llava_local.runtime.model_pair import resolve_pair
     return resolve_pair(files.llm[llm_type], files.mmproj[mmproj_type])
 
 
@@ -184,7 +184,7 @@ def check_demo(env, prefix: str) -> Iterator[Result]:
 # --------------------------------------------------------------------------------------------------
 
 def forced_logits(path: Path, n_tokens: int, gpu_layers: int, threads: int) -> np.ndarray:
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     llm = LlamaLLM(path, n_ctx=256, n_gpu_layers=gpu_layers, n_threads=threads, all_logits=True)
     try:
         ids = ([llm.bos] if llm.bos is not None else []) + llm.tokenize(TEXT)
@@ -240,7 +240,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def encode(backend: str, mmproj_path: Path, images, *, device: str, threads: int) -> tuple[np.ndarray, str]:
-    from llava_local.mmproj import read_mmproj
+    from llava_local.formats.mmproj import read_mmproj
     from llava_local.vision import create_backend
     b = create_backend(backend, read_mmproj(mmproj_path), vision_device=device, threads=threads,
                        max_batch=len(images))
@@ -319,8 +319,8 @@ def handler_loop(pair, args, gpu_layers: int):
 
 def check_caption_throughput(env, prefix: str) -> Iterator[Result]:
     import caption_throughput as ct
-    from llava_local.caption import PROMPTS
-    from llava_local.caption_worker import WorkerConfig
+    from llava_local.caption.job import PROMPTS
+    from llava_local.caption.worker import WorkerConfig
     gpu = prefix == "gpu"
     files = gpu_files(env) if gpu else tiny_files(env)
     work = Path(tempfile.mkdtemp(prefix="caption-", dir=env.work_dir))
@@ -386,7 +386,7 @@ def check_encoder_throughput(env, prefix: str) -> Iterator[Result]:
 
 def check_chat(env, prefix: str) -> Iterator[Result]:
     import chat_kv_reuse as chat
-    from llava_local import engine as engine_mod
+    from llava_local.runtime import engine as engine_mod
     gpu = prefix == "gpu"
     files = gpu_files(env) if gpu else tiny_files(env)
     pair = pair_of(files, "F16")

@@ -11,7 +11,7 @@ def use_same_cpu_buffers_as_llava_local() -> None:
     import llama_cpp
     import llama_cpp.llama as llama_mod
 
-    from llava_local.extra_bufts_probe import extra_buffer_types_allowed
+    from llava_local.runtime.extra_bufts_probe import extra_buffer_types_allowed
     original = llama_cpp.llama_model_default_params
     if getattr(original, "_llava_local", False):
         return

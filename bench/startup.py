@@ -69,7 +69,7 @@ def ours_cmd(prefix: list[str], llm: Path, mmproj: Path, image: Path, threads: i
              extra: list[str]) -> list[str]:
     if not prefix:
         exe = Path(sys.executable).with_name("llava-local")
-        prefix = [str(exe)] if exe.is_file() else [sys.executable, "-m", "llava_local.cli"]
+        prefix = [str(exe)] if exe.is_file() else [sys.executable, "-m", "llava_local.cli.main"]
     return prefix + ["chat", "--model", str(llm), "--mmproj", str(mmproj), "--threads", str(threads),
                      "--max-tokens", str(n), *extra, "-p", PROMPT, str(image)]
 
@@ -77,7 +77,7 @@ def ours_cmd(prefix: list[str], llm: Path, mmproj: Path, image: Path, threads: i
 def mtmd_cmd(cli: Path, llm: Path, mmproj: Path, image: Path, threads: int, n: int) -> list[str]:
     """With our template's system prompt: llama.cpp detects the GGUF's template as its built-in Vicuna
     one, which adds no system prompt by itself, so without -sys it would prefill ~30 tokens fewer."""
-    from llava_local.templates import VICUNA_SYSTEM
+    from llava_local.prompts.templates import VICUNA_SYSTEM
     return [str(cli), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-sys", VICUNA_SYSTEM,
             "-p", PROMPT, "-n", str(n), "--temp", "0", "-t", str(threads)]
 

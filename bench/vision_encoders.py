@@ -36,8 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llava_local.llm import LlamaLLM  # noqa: E402
-from llava_local.mmproj import read_mmproj  # noqa: E402
+from llava_local.runtime.llm import LlamaLLM  # noqa: E402
+from llava_local.formats.mmproj import read_mmproj  # noqa: E402
 from llava_local.vision import BACKENDS, create_backend  # noqa: E402
 
 BACKEND_ORDER = ("native", "mtmd", "onnx", "torch")

@@ -30,9 +30,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from llava_local.errors import LlavaLocalError
-    from llava_local.images import load_image
-    from llava_local.llm import LlamaLLM
-    from llava_local.model_source import SAMPLES_DIR, find_model
+    from llava_local.image.load import load_image
+    from llava_local.runtime.llm import LlamaLLM
+    from llava_local.runtime.model_source import SAMPLES_DIR, find_model
     from llava_local.vision import create_backend
 
     pair = find_model(args.model, args.mmproj)

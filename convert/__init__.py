@@ -9,7 +9,6 @@ CLI: `llava-local convert CHECKPOINT_DIR -o OUT_DIR [--outtype f32|f16|bf16] [--
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,14 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llava_local.errors import ConversionError
-from llava_local.templates import DEFAULT_TEMPLATE, get_template
+from llava_local.formats.manifest import manifest_path as _manifest_path, write_manifest
+from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
 
 from .checkpoint import LlavaCheckpoint, read_checkpoint
 from .writers import OUTTYPES, write_llm, write_mmproj
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -37,7 +36,7 @@ class ConvertResult:
 
 def output_paths(out_dir: Path, name: str, outtype: str) -> tuple[Path, Path, Path]:
     t = outtype.upper()
-    return (out_dir / f"{name}-llm-{t}.gguf", out_dir / f"{name}-mmproj-{t}.gguf", out_dir / f"{name}.manifest.json")
+    return (out_dir / f"{name}-llm-{t}.gguf", out_dir / f"{name}-mmproj-{t}.gguf", _manifest_path(out_dir, name))
 
 
 def _versions() -> dict:
@@ -113,7 +112,6 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
             raise
         onnx_entry = {"model": files.model.name, "sidecar": files.sidecar.name, "data": files.data.name}
     manifest = {
-        "format": "llava-local-manifest", "version": MANIFEST_VERSION,
         "name": ck.name, "llm": llm_path.name, "mmproj": mmproj_path.name, "outtype": outtype,
         "template": tmpl.name, "image_tokens": mm["image_tokens"], "n_embd": n_embd,
         "vision": asdict(ck.vision),
@@ -127,8 +125,6 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
             manifest["llm_unquantized"] = unquantized_path.name
     if onnx_entry:
         manifest["onnx"] = onnx_entry
-    tmp = manifest_path.with_name(manifest_path.name + ".part")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_manifest(manifest_path, manifest)
     log.info("converted in %.1fs", time.perf_counter() - t0)
     return ConvertResult(llm_path, mmproj_path, manifest_path, manifest)

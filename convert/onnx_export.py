@@ -137,7 +137,7 @@ def _sidecar(files: OnnxFiles, opset: int, *, image_size: int, patch_size: int, 
         "model": files.model.name, "external_data": files.data.name, "opset": opset, "dtype": "float32",
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, image_size, image_size]},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", n_tokens, n_embd]},
-        # LLaVA-1.5 preprocessing (llava_local/preprocess.py): pad to square with the mean colour,
+        # LLaVA-1.5 preprocessing (llava_local/image/preprocess.py): pad to square with the mean colour,
         # bicubic resize, x/255, (x - mean) / std, channels first
         "image_size": image_size, "patch_size": patch_size,
         "pad_to_square": True, "resample": "bicubic", "rescale_factor": 1 / 255,
@@ -193,7 +193,7 @@ def export_onnx_from_mmproj(mmproj: str | os.PathLike, out_dir: str | os.PathLik
                             name: str | None = None, opset: int = MIN_OPSET) -> Path:
     """Export the vision side stored in an mmproj GGUF (either FFN naming, any weight type the
     `torch` backend reads), with the same files and sidecar as `export_onnx`. Returns the `.onnx` path."""
-    from llava_local.mmproj import read_mmproj
+    from llava_local.formats.mmproj import read_mmproj
     from llava_local.vision.torch_backend import build_modules
     _check_opset(opset)
     mm = read_mmproj(mmproj)               # ModelFilesError with the reason for a file it cannot run

@@ -20,7 +20,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from llava_local import gguf_names as names
+from llava_local.formats import gguf_names as names
 from llava_local.errors import ConversionError, ModelFilesError
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ def quantize(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qtype: st
         raise ConversionError(f"{src}: no such GGUF file")
     if src.resolve() == dst.resolve():
         raise ConversionError(f"{src}: source and destination are the same file")
-    from llava_local.gguf_check import read_gguf_info
+    from llava_local.formats.gguf_check import read_gguf_info
     arch = read_gguf_info(src).architecture
     if arch == "clip":
         raise ConversionError(f"{src}: an mmproj (clip) file; quantize_mmproj() quantizes those")
-    from llava_local.llm import llama_cpp_lib
+    from llava_local.llama_lib import llama_cpp_lib
     L = llama_cpp_lib()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, QTYPES[key])
@@ -125,7 +125,7 @@ def quantize_mmproj(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qt
         raise ConversionError(f"{src}: no such GGUF file")
     if src.resolve() == dst.resolve():
         raise ConversionError(f"{src}: source and destination are the same file")
-    from llava_local.gguf_check import read_gguf_info
+    from llava_local.formats.gguf_check import read_gguf_info
     info = read_gguf_info(src)            # bounded preflight: a truncated or hostile file stops here
     if info.architecture != "clip":
         raise ConversionError(f"{src}: not an mmproj (general.architecture is {info.architecture!r}, "
@@ -183,7 +183,7 @@ def quantize_file(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qtyp
     src = Path(src_gguf)
     if not src.is_file():
         raise ConversionError(f"{src}: no such GGUF file")
-    from llava_local.gguf_check import read_gguf_info
+    from llava_local.formats.gguf_check import read_gguf_info
     if read_gguf_info(src).architecture == "clip":
         return quantize_mmproj(src, dst_gguf, qtype)
     return quantize(src, dst_gguf, qtype, threads=threads)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import gguf
 
-from llava_local import gguf_names as names
+from llava_local.formats import gguf_names as names
 from llava_local.errors import ConversionError, LlavaLocalError
-from llava_local.gguf_check import read_gguf_info
-from llava_local.templates import DEFAULT_TEMPLATE, get_template
+from llava_local.formats.gguf_check import read_gguf_info
+from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from llava_local.errors import ModelFilesError
-from llava_local.safetensors_check import check_safetensors
+from llava_local.formats.safetensors_check import check_safetensors
 
 log = logging.getLogger(__name__)
 

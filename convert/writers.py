@@ -17,7 +17,7 @@ import torch
 
 from llava_local.errors import ConversionError
 
-from llava_local import gguf_names as names
+from llava_local.formats import gguf_names as names
 from .checkpoint import LlavaCheckpoint
 from .tokenizer_gguf import add_tokenizer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Sequence
 
-from .errors import (BackendUnavailableError, ContextOverflowError, ConversionError, ImageError,  # noqa: F401
+from llava_local.errors import (BackendUnavailableError, ContextOverflowError, ConversionError, ImageError,  # noqa: F401
                      LlavaLocalError, ModelFilesError, TemplateError)
 
 __all__ = ["load", "Model", "LlavaLocalError", "ModelFilesError", "ImageError", "ContextOverflowError"]
@@ -37,7 +37,7 @@ class Model:
     def ask(self, image, question: str, *, max_tokens: int = 256, temperature: float = 0.0,
             seed: int | None = None, system: str | None = None) -> str:
         """Answer one question about an image (a path, bytes, a PIL image, a list of them, or None)."""
-        from .sampling import SamplingParams
+        from llava_local.runtime.sampling import SamplingParams
         return self.engine.ask(question, self._images(image), system=system, max_tokens=max_tokens,
                                sampling=SamplingParams(temperature=temperature, seed=seed)).text
 
@@ -49,7 +49,7 @@ class Model:
     def chat_session(self, *, system: str | None = None, max_tokens: int = 512, temperature: float = 0.0,
                      seed: int | None = None):
         """A multi-turn conversation: `send(text, images=[...])` yields the answer's pieces."""
-        from .sampling import SamplingParams
+        from llava_local.runtime.sampling import SamplingParams
         return self.engine.chat_session(system=system, max_tokens=max_tokens,
                                         sampling=SamplingParams(temperature=temperature, seed=seed))
 
@@ -71,8 +71,8 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     `mmproj`, or a Hugging Face repo of GGUF files (`hf_repo`). `gpu_layers` "auto" offloads all the
     LLM layers that fit the GPU (0 on a CPU build), `vision_device` "auto" uses the GPU when the vision
     backend can; `m.engine.placement.describe()` says what runs where and why."""
-    from .engine import Engine
-    from .model_source import find_model
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_source import find_model
     pair = find_model(model, mmproj, hf_repo=hf_repo, hf_quant=hf_quant)
     return Model(Engine(pair, vision_backend=vision_backend, n_ctx=n_ctx, n_gpu_layers=gpu_layers,
                         vision_device=vision_device, threads=threads, template=template, verbose=verbose))

@@ -39,7 +39,7 @@ def converted_f32(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pair_f32(converted_f32):
-    from llava_local.model_pair import resolve_pair
+    from llava_local.runtime.model_pair import resolve_pair
     return resolve_pair(converted_f32.llm_path.parent)
 
 

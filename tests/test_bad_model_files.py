@@ -19,9 +19,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import assert_one_line_error
-from llava_local.cli import main
+from llava_local.cli.main import main
 from llava_local.errors import ContextOverflowError, ModelFilesError
-from llava_local.model_pair import resolve_pair
+from llava_local.runtime.model_pair import resolve_pair
 
 
 def run_cli(*args):
@@ -102,14 +102,14 @@ def test_mmproj_without_projector_type(pair_f32, tmp_path, sample_png):
 
 def test_context_too_small_for_image_is_refused(pair_f32, sample_png):
     with pytest.raises(ContextOverflowError, match="image needs 16 tokens, n_ctx is 16"):
-        from llava_local.model_pair import check_context
+        from llava_local.runtime.model_pair import check_context
         check_context(pair_f32, 16, n_images=1)
     res = run_cli("run", "--model", pair_f32.llm_path.parent, "-p", "hi", "--ctx", "16", sample_png)
     assert_one_line_error(res, "image needs 16 tokens, n_ctx is 16")
 
 
 def test_context_too_small_for_two_images_with_prompt(pair_f32, sample_png):
-    from llava_local.engine import Engine
+    from llava_local.runtime.engine import Engine
     eng = Engine(pair_f32, vision_backend="torch", n_ctx=40)
     try:
         with pytest.raises(ContextOverflowError, match="2 images need 32 tokens"):
@@ -139,7 +139,7 @@ def test_untrusted_chat_template_in_gguf_is_never_rendered(pair_f32, tmp_path, s
 
 
 def get_template_jinja() -> str:
-    from llava_local.templates import get_template
+    from llava_local.prompts.templates import get_template
     return get_template("vicuna_v1").jinja
 
 

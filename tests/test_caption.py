@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import random_image
-from llava_local.caption import (CaptionOutputError, JournalWriter, _JobLock, caption_config, discover_inputs,
+from llava_local.caption.job import (CaptionOutputError, JournalWriter, _JobLock, caption_config, discover_inputs,
                                  in_shard, read_journal)
-from llava_local.caption_worker import CaptionItem, WorkerConfig
-from llava_local.cli import main
-from llava_local.sampling import SamplingParams
+from llava_local.caption.worker import CaptionItem, WorkerConfig
+from llava_local.cli.main import main
+from llava_local.runtime.sampling import SamplingParams
 from test_cli_run import _bad_images, _odd_images
 from test_images import fake_eps, fake_fits, fake_psd
 
@@ -261,12 +261,12 @@ def test_retry_failed_overwrite_csv_and_sidecars(tmp_path, model_dir):
 
 def test_batch_decoder_matches_one_at_a_time_chat_answers(pair_f32):
     """BatchDecoder (shared prefix, 3 sequences, continuous batching) against Engine.ask."""
-    from llava_local import engine as engine_mod
-    from llava_local.batch_decode import BatchDecoder, SeqRequest
-    from llava_local.chat_session import user_content
+    from llava_local.runtime import engine as engine_mod
+    from llava_local.runtime.batch_decode import BatchDecoder, SeqRequest
+    from llava_local.runtime.chat_session import user_content
     from llava_local.errors import ContextOverflowError
-    from llava_local.sampling import Sampler
-    from llava_local.templates import IMAGE_MARKER, Message
+    from llava_local.runtime.sampling import Sampler
+    from llava_local.prompts.templates import IMAGE_MARKER, Message
     imgs = [random_image(30 + 7 * i, 40, seed=i) for i in range(5)]
     lengths = [3, 9, 5, 12, 1]                          # sequences finish at different steps
     ref = engine_mod.Engine(pair_f32, vision_backend="mtmd", threads=1)

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
-from llava_local.caption_worker import TEST_CRASH_ENV
-from llava_local.cli import main
+from llava_local.caption.worker import TEST_CRASH_ENV
+from llava_local.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--vision-backend", "mtmd", "--threads", "1"]
@@ -81,7 +81,7 @@ def _whole_lines(path: Path) -> tuple[list[dict], bool]:
 def _kill_and_resume(tmp_path: Path, model_dir: Path, n_kills: int, n_images: int, seed: int):
     keys = make_images(tmp_path / "imgs", n_images)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "llava_local.cli", "caption", str(tmp_path / "imgs"), "-o", str(out),
+    cmd = [sys.executable, "-m", "llava_local.cli.main", "caption", str(tmp_path / "imgs"), "-o", str(out),
            "--model", str(model_dir), "--parallel", "2", "--max-tokens", "32", *FAST]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(seed)

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from llava_local.cli import main
+from llava_local.cli.main import main
 
 
 def chat(*args, input=None, env=None):
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line(model_dir, pair_f32, other_width_pair, sample_png
 
 
 def test_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path, sample_png):
-    import llava_local.model_source as ms
+    import llava_local.runtime.model_source as ms
     monkeypatch.setattr(ms, "DEMO_DIR", tmp_path / "no-demo")
     res = chat("-p", "hi", sample_png, env={"LLAVA_LOCAL_MODEL": ""})
     assert res.exit_code == 1 and "demo model is missing" in res.stderr

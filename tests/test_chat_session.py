@@ -8,11 +8,11 @@ import pytest
 
 import llava_local
 from conftest import random_image
-from llava_local.engine import Engine
+from llava_local.runtime.engine import Engine
 from llava_local.errors import ContextOverflowError, ImageError, LlavaLocalError
-from llava_local.images import load_image
-from llava_local.prompt_format import JinjaFormat, NamedFormat, choose_format
-from llava_local.templates import Message, get_template, TemplateError
+from llava_local.image.load import load_image
+from llava_local.prompts.render import JinjaFormat, NamedFormat, choose_format
+from llava_local.prompts.templates import Message, get_template, TemplateError
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_template_override_by_name(pair_f32):
 def test_runtime_prompt_tokens_equal_the_training_segments(engine):
     """The session renders one string and tokenizes what each turn appends; training tokenizes the
     template's segments. For a multi-turn conversation with an image both give the same ids."""
-    from llava_local.templates import IMAGE_MARKER
+    from llava_local.prompts.templates import IMAGE_MARKER
     msgs = [Message("user", "<image>\nWhat colour is the circle?"), Message("assistant", "Red."),
             Message("user", "How many shapes are there?"), Message("assistant", "Three."),
             Message("user", "Which shape is left of the red one?")]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import random_image
-from llava_local.cli import main
+from llava_local.cli.main import main
 
 
 def run(*args, input=None):

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from conftest import random_image
-from llava_local.cli import main
-from llava_local.gguf_check import read_gguf_info
-from llava_local.templates import Message, get_template
+from llava_local.cli.main import main
+from llava_local.formats.gguf_check import read_gguf_info
+from llava_local.prompts.templates import Message, get_template
 
 
 def _cli_convert(args):
@@ -90,7 +90,7 @@ def test_jinja_template_renders_like_the_named_template():
 def test_llama_cpp_tokenizer_matches_transformers(pair_f32, tiny_ckpt):
     from transformers import AutoTokenizer
 
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     hf = AutoTokenizer.from_pretrained(str(tiny_ckpt[1]))
     llm = LlamaLLM(pair_f32.llm_path, n_ctx=64)
     try:
@@ -104,8 +104,8 @@ def test_llama_cpp_tokenizer_matches_transformers(pair_f32, tiny_ckpt):
 @pytest.mark.parametrize("outtype", ["f16", "bf16"])
 def test_half_precision_outputs_load_and_answer(tiny_ckpt, tmp_path, outtype):
     from convert import convert
-    from llava_local.engine import Engine
-    from llava_local.model_pair import resolve_pair
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_pair import resolve_pair
     r = convert(tiny_ckpt[1], tmp_path, outtype=outtype)
     eng = Engine(resolve_pair(tmp_path), vision_backend="mtmd", n_ctx=256)
     try:

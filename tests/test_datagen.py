@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from llava_local.templates import IMAGE_MARKER, get_template
+from llava_local.prompts.templates import IMAGE_MARKER, get_template
 from train.data import to_messages
 from train.datagen import (KINDS, DatagenConfig, ParseError, build_record, dedup_key, generate_dataset,
                            journal_path, load_annotations, parse_teacher_output, read_journal, symbolic,
@@ -160,7 +160,7 @@ def test_duplicates_are_rejected_and_resume_skips_done_tasks(tmp_path):
 
 @needs_smollm2
 def test_datagen_smollm2_twenty_images_resumes_without_duplicates(tmp_path):
-    from llava_local.text_generation import TextGenerator
+    from llava_local.runtime.text_generation import TextGenerator
 
     ann = write_shapes_coco(tmp_path / "sc", 20)
     out = tmp_path / "instruct.json"
@@ -192,7 +192,7 @@ def test_datagen_cli_bad_input_is_one_line_error(tmp_path):
     from click.testing import CliRunner
 
     from conftest import assert_one_line_error
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     bad = tmp_path / "ann.json"
     bad.write_text('{"images": [{"id": 1}]}')
     teacher = tmp_path / "t.gguf"

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
-from llava_local.evaluation import (EvalResult, ItemResult, Question, load_questions, markdown_report, mc_prompt,
+from llava_local.eval.evaluate import (EvalResult, ItemResult, Question, load_questions, markdown_report, mc_prompt,
                                     parse_choice, parse_judge_scores)
 from train.tiny_models import SMOLLM2_GGUF
 
@@ -95,7 +95,7 @@ def test_mc_prompt_and_gold_forms(tmp_path):
 ])
 def test_bad_questions_file_is_one_line_error(tmp_path, line, needle):
     from conftest import assert_one_line_error
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     p = tmp_path / "q.jsonl"
     p.write_text(line + "\n")
     res = CliRunner().invoke(main, ["eval", "-q", str(p), "--model", str(tmp_path)])
@@ -119,7 +119,7 @@ def questions_file(tmp_path_factory):
 
 
 def test_eval_cli_end_to_end(pair_f32, questions_file, tmp_path):
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     report = tmp_path / "report.md"
     res = CliRunner().invoke(main, ["eval", "--model", str(pair_f32.llm_path), "--mmproj", str(pair_f32.mmproj_path),
                                     "-q", str(questions_file / "q.jsonl"), "--threads", "1", "--max-tokens", "4",
@@ -136,7 +136,7 @@ def test_eval_cli_end_to_end(pair_f32, questions_file, tmp_path):
 @needs_smollm2
 def test_eval_cli_judged(pair_f32, questions_file):
     """The judge (SmolLM2) runs; its item ends up scored or listed as unscored, never dropped."""
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     res = CliRunner().invoke(main, ["eval", "--model", str(pair_f32.llm_path), "--mmproj", str(pair_f32.mmproj_path),
                                     "-q", str(questions_file / "judged.jsonl"), "--threads", "1", "--max-tokens", "4",
                                     "--vision-backend", "torch", "--judge", str(SMOLLM2_GGUF),
@@ -152,7 +152,7 @@ def test_shapes_eval_matches_bench_script(pair_f32):
     """`llava-local eval --shapes N` and bench/eval_shapes.py: same questions, same answers, same figure."""
     import importlib.util
 
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     from train.tiny_models import REPO
     spec = importlib.util.spec_from_file_location("eval_shapes", REPO / "bench" / "eval_shapes.py")
     bench = importlib.util.module_from_spec(spec)

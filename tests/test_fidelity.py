@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import IMAGES, assert_embeddings_close, cosine_per_token, random_image, reference_image_features
-from llava_local.engine import Engine
-from llava_local.preprocess import preprocess_batch
-from llava_local.templates import Message
+from llava_local.runtime.engine import Engine
+from llava_local.image.preprocess import preprocess_batch
+from llava_local.prompts.templates import Message
 from llava_local.vision import create_backend
 
 
@@ -98,7 +98,7 @@ def test_llm_logits_match_transformers(engine, tiny_model):
 def test_greedy_generation_matches_transformers(engine, tiny_model):
     img = IMAGES[1]
     prompt = "Describe the image."
-    from llava_local.sampling import SamplingParams
+    from llava_local.runtime.sampling import SamplingParams
     ans = engine.ask(prompt, [img], max_tokens=16, sampling=SamplingParams(temperature=0.0))
     emb = engine.encode_images([img])
     items = engine.prompt_items([Message("user", "<image>\n" + prompt)])

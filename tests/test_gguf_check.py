@@ -1,4 +1,4 @@
-"""Tests for llava_local.gguf_check: a real file written by gguf-py, then crafted hostile bytes.
+"""Tests for llava_local.formats.gguf_check: a real file written by gguf-py, then crafted hostile bytes.
 
 Run:  .venv/bin/python -m pytest -q tests/test_gguf_check.py
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llava_local.errors import ModelFilesError
-from llava_local.gguf_check import GGUFInfo, looks_like_gguf, read_gguf_info
+from llava_local.formats.gguf_check import GGUFInfo, looks_like_gguf, read_gguf_info
 
 T = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType

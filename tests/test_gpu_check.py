@@ -90,13 +90,13 @@ def test_ignore_eos_runs_answers_to_max_tokens():
     to max_tokens and no end-of-generation token is ever sampled."""
     from PIL import Image
 
-    from llava_local.batch_decode import BatchDecoder, SeqRequest
-    from llava_local.chat_session import user_content
-    from llava_local.engine import Engine
-    from llava_local.model_pair import resolve_pair
-    from llava_local.model_source import demo_model_dir
-    from llava_local.sampling import Sampler, SamplingParams
-    from llava_local.templates import IMAGE_MARKER, Message
+    from llava_local.runtime.batch_decode import BatchDecoder, SeqRequest
+    from llava_local.runtime.chat_session import user_content
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_pair import resolve_pair
+    from llava_local.runtime.model_source import demo_model_dir
+    from llava_local.runtime.sampling import Sampler, SamplingParams
+    from llava_local.prompts.templates import IMAGE_MARKER, Message
     eng = Engine(resolve_pair(demo_model_dir()), vision_backend="native", n_ctx=2048, n_seq_max=2, threads=1)
     try:
         text = eng.format.render([Message("user", user_content("Describe this picture.", 1))],

@@ -1,4 +1,4 @@
-"""Tests for llava_local.images (safe loading) and llava_local.preprocess (LLaVA-1.5 pixels).
+"""Tests for llava_local.image.load (safe loading) and llava_local.image.preprocess (LLaVA-1.5 pixels).
 
 Every image is crafted here with Pillow or raw bytes into tmp_path; nothing is downloaded. Each
 row of the "Images" table in RELIABILITY.md has a test below.
@@ -18,9 +18,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from llava_local.errors import ImageError, LlavaLocalError
-import llava_local.preprocess as preprocess_mod
-from llava_local.images import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, LoadedImage, load_image
-from llava_local.preprocess import (
+import llava_local.image.preprocess as preprocess_mod
+from llava_local.image.load import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from llava_local.image.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     PreprocessConfig,

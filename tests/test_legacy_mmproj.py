@@ -15,7 +15,7 @@ Checks: (a) torch, native and onnx (exported from that mmproj by `llava-local co
 equal transformers' `get_image_features` on the weights the file holds (F16-rounded), and stay
 within F16 rounding of the F32 model; (b) with our LLM GGUF the greedy answer through `auto`,
 `native` and `torch` equals transformers' greedy answer; (c) a square MLP (n_ff == hidden), where
-shapes cannot tell the namings apart, is read by `general.type` (documented in llava_local/mmproj.py);
+shapes cannot tell the namings apart, is read by `general.type` (documented in llava_local/formats/mmproj.py);
 `clip.use_gelu` runs erf GELU; a LLaVA-1.6 file is refused by both readers.
 
     .venv/bin/python -m pytest -q tests/test_legacy_mmproj.py -s
@@ -34,14 +34,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import IMAGES, assert_embeddings_close, cosine_per_token, reference_image_features
-from llava_local.cli import main
-from llava_local.engine import Engine
+from llava_local.cli.main import main
+from llava_local.runtime.engine import Engine
 from llava_local.errors import BackendUnavailableError, ModelFilesError
-from llava_local.mmproj import read_mmproj
-from llava_local.model_pair import resolve_pair
-from llava_local.preprocess import preprocess_batch
-from llava_local.sampling import SamplingParams
-from llava_local.templates import Message
+from llava_local.formats.mmproj import read_mmproj
+from llava_local.runtime.model_pair import resolve_pair
+from llava_local.image.preprocess import preprocess_batch
+from llava_local.runtime.sampling import SamplingParams
+from llava_local.prompts.templates import Message
 from llava_local.vision import VisionBackend, create_backend
 
 K = gguf.Keys
@@ -314,7 +314,7 @@ def square(tmp_path_factory):
 @pytest.mark.parametrize("layout, swapped", [("legacy", True), ("named", False)])
 def test_square_mlp_is_read_by_general_type(square, layout, swapped, caplog):
     files, pixels, ref = square
-    with caplog.at_level(logging.WARNING, logger="llava_local.mmproj"):
+    with caplog.at_level(logging.WARNING, logger="llava_local.formats.mmproj"):
         mm = read_mmproj(files[layout])
     assert mm.ffn_swapped is swapped and mm.n_ff == mm.hidden_size == 32
     assert ("square CLIP MLP" in caplog.text) is swapped

@@ -7,9 +7,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from llava_local.cli import main
+from llava_local.cli.main import main
 from llava_local.errors import ModelFilesError
-from llava_local.model_source import _pick, find_model
+from llava_local.runtime.model_source import _pick, find_model
 
 
 def _fake_hub_cache(root, repo, files: dict):

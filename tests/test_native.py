@@ -24,9 +24,9 @@ import torch
 
 from conftest import cosine_per_token, random_image
 from llava_local.errors import BackendUnavailableError, ModelFilesError
-from llava_local.mmproj import read_mmproj
-from llava_local.model_pair import resolve_pair
-from llava_local.preprocess import preprocess_batch
+from llava_local.formats.mmproj import read_mmproj
+from llava_local.runtime.model_pair import resolve_pair
+from llava_local.image.preprocess import preprocess_batch
 from llava_local.vision import VisionBackend, create_backend
 
 IMAGES = [random_image(80, 60, 1), random_image(40, 90, 2), random_image(56, 56, 3), random_image(200, 30, 4),
@@ -73,7 +73,7 @@ def _encode_in_batches(backend, pixels: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _mtmd_cosine(mmproj_path: Path, llm_path: Path, ref: np.ndarray) -> np.ndarray:
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     llm = LlamaLLM(llm_path, n_ctx=256)
     mt = create_backend("mtmd", read_mmproj(mmproj_path), llm=llm)
     try:
@@ -144,7 +144,7 @@ def test_batch_is_independent_of_its_neighbours(native_lib, converted):
 
 
 def test_engine_uses_native(native_lib, pair_f32):
-    from llava_local.engine import Engine
+    from llava_local.runtime.engine import Engine
     from llava_local.vision.native_backend import NativeBackend
     eng = Engine(pair_f32, vision_backend="native", n_ctx=256)
     try:
@@ -303,7 +303,7 @@ def test_cmake_builds_from_scratch(tmp_path):
 def test_auto_picks_native_when_built(pair_f32):
     """`--vision-backend auto` uses the native encoder when it is built (not a silent fallback) for
     one-shot work (no PyTorch import); long CPU sessions get PyTorch's faster CPU kernels."""
-    from llava_local.engine import Engine
+    from llava_local.runtime.engine import Engine
     eng = Engine(pair_f32, vision_backend="auto", n_ctx=256, workload="oneshot")
     try:
         assert eng.vision.name == "native"
@@ -319,7 +319,7 @@ def test_auto_picks_native_when_built(pair_f32):
 def test_auto_falls_back_with_one_log_line(pair_f32, monkeypatch, caplog):
     import logging
 
-    from llava_local.engine import Engine
+    from llava_local.runtime.engine import Engine
     from llava_local.errors import BackendUnavailableError
     from llava_local.vision import BACKENDS
 
@@ -327,7 +327,7 @@ def test_auto_falls_back_with_one_log_line(pair_f32, monkeypatch, caplog):
         def __init__(self, *a, **k):
             raise BackendUnavailableError("native encoder not built: test")
     monkeypatch.setitem(BACKENDS, "native", Missing)
-    with caplog.at_level(logging.WARNING, logger="llava_local.engine"):
+    with caplog.at_level(logging.WARNING, logger="llava_local.runtime.engine"):
         eng = Engine(pair_f32, vision_backend="auto", n_ctx=256, workload="oneshot")
     try:
         assert eng.vision.name == "torch"

@@ -20,9 +20,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import IMAGES, assert_embeddings_close, random_image, reference_image_features
-from llava_local.cli import main
+from llava_local.cli.main import main
 from llava_local.errors import BackendUnavailableError, ConversionError, ModelFilesError
-from llava_local.preprocess import preprocess_batch
+from llava_local.image.preprocess import preprocess_batch
 from llava_local.vision import create_backend
 from llava_local.vision.onnx_backend import choose_providers
 
@@ -41,7 +41,7 @@ def onnx_convert(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_pair(onnx_convert):
-    from llava_local.model_pair import resolve_pair
+    from llava_local.runtime.model_pair import resolve_pair
     res, out, _ = onnx_convert
     assert res.exit_code == 0, res.output
     return resolve_pair(out)
@@ -116,8 +116,8 @@ def test_onnx_encodes_in_batches(onnx_pair):
 
 
 def test_engine_with_onnx_answers_like_torch(onnx_pair):
-    from llava_local.engine import Engine
-    from llava_local.sampling import SamplingParams
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.sampling import SamplingParams
     tokens = {}
     for backend in ("torch", "onnx"):
         eng = Engine(onnx_pair, vision_backend=backend, n_ctx=512)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from llava_local import extra_bufts_probe as probe_mod
+from llava_local.runtime import extra_bufts_probe as probe_mod
 from llava_local.errors import BackendUnavailableError
-from llava_local.placement import GpuInfo, fit_gpu_layers, parse_gpu_layers, resolve_placement
+from llava_local.runtime.placement import GpuInfo, fit_gpu_layers, parse_gpu_layers, resolve_placement
 
 DEMO = Path(__file__).resolve().parents[1] / "llava_local" / "data" / "demo"
 SAMPLE = Path(__file__).resolve().parents[1] / "llava_local" / "data" / "samples" / "shapes-1.png"
@@ -46,7 +46,7 @@ def test_probe_child_killed_by_sigill_turns_extra_buffer_types_off(tmp_path, mon
     assert cached == {probe_mod.probe_key(): "SIGILL"}
     # every later load in a new process reads that verdict: LlamaLLM loads with the buffer types off
     monkeypatch.setattr(probe_mod, "_verdict", None)
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     llm = LlamaLLM(next(DEMO.glob("*-llm-*.gguf")), n_ctx=64, n_threads=1)
     try:
         assert llm.extra_bufts is False
@@ -79,7 +79,7 @@ def test_auto_on_a_cpu_build_is_zero_layers_with_the_reason(pair_f32):
 
 
 def test_auto_never_falls_back_to_mtmd(pair_f32, monkeypatch):
-    import llava_local.placement as pl
+    import llava_local.runtime.placement as pl
     monkeypatch.setattr(pl, "backend_available", lambda name, pair: f"{name} broken here")
     with pytest.raises(BackendUnavailableError) as e:
         resolve_placement(pair_f32, n_ctx=512)
@@ -105,7 +105,7 @@ def test_gpu_layer_fitting_from_the_gguf_sizes(pair_f32):
 # --- what users see -------------------------------------------------------------------------------
 
 def test_chat_help_shows_auto_defaults():
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     out = CliRunner().invoke(main, ["chat", "--help"]).output
     flat = " ".join(out.split())
     assert "-ngl, --gpu-layers AUTO|ALL|N" in flat and "number. [default: auto]" in flat
@@ -115,7 +115,7 @@ def test_chat_help_shows_auto_defaults():
 def test_verbose_chat_says_where_things_run_and_why():
     """A real process (logging goes to its stderr): the demo model, one question, --verbose."""
     import subprocess
-    p = subprocess.run([sys.executable, "-m", "llava_local.cli", "chat", "-v", "--threads", "1", "--max-tokens", "4",
+    p = subprocess.run([sys.executable, "-m", "llava_local.cli.main", "chat", "-v", "--threads", "1", "--max-tokens", "4",
                         "-p", "Describe this picture.", str(SAMPLE)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "LLM on cpu, vision encoder native on cpu" in p.stderr
@@ -125,8 +125,8 @@ def test_verbose_chat_says_where_things_run_and_why():
 
 def test_python_api_and_caption_jobs_resolve_auto_before_the_fingerprint():
     import llava_local
-    from llava_local.caption import caption_config
-    from llava_local.caption_worker import WorkerConfig, resolve_worker
+    from llava_local.caption.job import caption_config
+    from llava_local.caption.worker import WorkerConfig, resolve_worker
     with llava_local.load(threads=1) as m:
         assert m.engine.placement.gpu_layers == 0 and m.engine.placement.vision_device == "cpu"
         assert m.engine.vision.name == m.engine.placement.vision_backend == "torch"   # a session, on a CPU

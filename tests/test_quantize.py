@@ -17,17 +17,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import assert_one_line_error, IMAGES, cosine_per_token
-from convert.quant_eval import Case, teacher_forced_top1, weight_repacking
+from llava_local.eval.quant_eval import Case, teacher_forced_top1, weight_repacking
 from convert.quantize import QTYPES, quantize, quantize_mmproj
-from llava_local.cli import main
-from llava_local.engine import Engine
-from llava_local.gguf_check import read_gguf_info
-from llava_local.llm import LlamaLLM
-from llava_local.mmproj import read_mmproj
-from llava_local.model_pair import resolve_pair
-from llava_local.preprocess import preprocess_batch
-from llava_local.sampling import SamplingParams
-from llava_local.templates import Message, tokenize_segments
+from llava_local.cli.main import main
+from llava_local.runtime.engine import Engine
+from llava_local.formats.gguf_check import read_gguf_info
+from llava_local.runtime.llm import LlamaLLM
+from llava_local.formats.mmproj import read_mmproj
+from llava_local.runtime.model_pair import resolve_pair
+from llava_local.image.preprocess import preprocess_batch
+from llava_local.runtime.sampling import SamplingParams
+from llava_local.prompts.templates import Message, tokenize_segments
 from llava_local.vision import create_backend
 
 GT = gguf.GGMLQuantizationType

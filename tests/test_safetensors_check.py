@@ -1,4 +1,4 @@
-"""Tests for llava_local.safetensors_check: a file written by safetensors, then crafted headers.
+"""Tests for llava_local.formats.safetensors_check: a file written by safetensors, then crafted headers.
 
 Run:  .venv/bin/python -m pytest -q tests/test_safetensors_check.py
 """
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llava_local.errors import ModelFilesError
-from llava_local.safetensors_check import check_safetensors
+from llava_local.formats.safetensors_check import check_safetensors
 
 
 def test_valid_file_matches_safe_open(tmp_path):

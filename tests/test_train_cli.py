@@ -61,7 +61,7 @@ def test_bad_input_is_one_error_line(tmp_path):
 def test_train_is_a_subcommand_of_llava_local():
     from click.testing import CliRunner
 
-    from llava_local.cli import main
+    from llava_local.cli.main import main
     res = CliRunner().invoke(main, ["train", "--help"])
     assert res.exit_code == 0 and "stage1" in res.output and "stage2" in res.output
     res = CliRunner().invoke(main, ["train", "stage1", "--help"])

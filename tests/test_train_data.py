@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from llava_local.preprocess import PreprocessConfig, preprocess
+from llava_local.image.preprocess import PreprocessConfig, preprocess
 from llava_local.errors import ImageError
-from llava_local.images import load_image
-from llava_local.templates import IMAGE_MARKER, Message, get_template, tokenize_segments
+from llava_local.image.load import load_image
+from llava_local.prompts.templates import IMAGE_MARKER, Message, get_template, tokenize_segments
 from train.data import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataConfig, LlavaDataset, collate, encode, n_targets,
                         to_messages, truncate)
 from train.tokenizer import load_tokenizer
@@ -97,7 +97,7 @@ def test_plain_template_trains_only_the_caption(tok):
 def test_training_prompt_tokens_equal_runtime_tokens(tok, converted_f32):
     """The ids training builds equal llama.cpp's for the converted model: for the whole conversation,
     and for each prompt the runtime would send (Engine.prompt_items, with a generation prompt)."""
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     t = get_template("vicuna_v1")
     msgs = to_messages(THREE_TURNS, template=t, has_image=True)
     ids, labels = encode(msgs, t, tok, N_IMG)

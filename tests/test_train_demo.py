@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_local.gguf_check import read_gguf_info
+from llava_local.formats.gguf_check import read_gguf_info
 from train.shapes import eval_records, exact_match, write_eval_images
 
 from train_helpers import no_weight_repacking  # noqa: F401  (fixture)
@@ -41,9 +41,9 @@ def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
     question alone allows (the colour of "the star", the shape of "the green one": one of 4-6 answers;
     the shipped model gets 11 of 16 here). Its full accuracy is measured by bench/eval_shapes.py
     (README): below the issue's 90 % target."""
-    from llava_local.engine import Engine
-    from llava_local.model_pair import resolve_pair
-    from llava_local.sampling import SamplingParams
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_pair import resolve_pair
+    from llava_local.runtime.sampling import SamplingParams
     records = eval_records(12, seed=0)               # 12 held-out images, every kind
     write_eval_images(records, tmp_path)
     engine = Engine(resolve_pair(DEMO), vision_backend="torch", n_ctx=512)
@@ -66,8 +66,8 @@ def test_demo_model_answers_held_out_questions(tmp_path, no_weight_repacking):
 
 def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
     """Every step of train/demo_model.py (tokenizer, data, CLIP, warm-up, stages 1-2, convert, quantize)."""
-    from llava_local.engine import Engine
-    from llava_local.model_pair import resolve_pair
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_pair import resolve_pair
     from train.clip_pretrain import ClipConfig
     from train.demo_model import DemoConfig, build
     cfg = DemoConfig(n_train=32, n_eval=2, n_text=16, min_turns=2, max_turns=3,
@@ -82,7 +82,7 @@ def test_demo_build_pipeline_at_toy_scale(tmp_path, no_weight_repacking):
     assert 50 < len(vocab) < 300
     # its own byte-level BPE: a few hundred tokens, and llama.cpp splits text exactly as training did
     from convert.tokenizer_gguf import CHECK_TEXT
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     from train.tokenizer import load_tokenizer
     tok = load_tokenizer(tmp_path / "work" / "stage2")
     assert 256 < len(tok.hf) <= cfg.vocab_size and pair.llm.metadata["tokenizer.ggml.pre"] == "gpt-2"

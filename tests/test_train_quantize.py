@@ -9,7 +9,7 @@ import pytest
 
 from convert.quantize import quantize
 from llava_local.errors import ConversionError
-from llava_local.gguf_check import read_gguf_info
+from llava_local.formats.gguf_check import read_gguf_info
 
 from train_helpers import no_weight_repacking  # noqa: F401  (fixture)
 
@@ -24,7 +24,7 @@ MIN_CORRELATION = {"Q8_0": 0.99, "Q4_K_M": 0.85}
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
 def test_quantized_llm_loads_in_llama_cpp_and_stays_close(converted_f32, tmp_path, qtype, no_weight_repacking):
-    from llava_local.llm import LlamaLLM
+    from llava_local.runtime.llm import LlamaLLM
     dst = quantize(converted_f32.llm_path, tmp_path / f"m-{qtype}.gguf", qtype.lower())
     assert dst.is_file() and not list(tmp_path.glob("*.part"))
     info = read_gguf_info(dst)

@@ -14,8 +14,8 @@ import gguf
 import pytest
 
 from convert.retemplate import retemplate
-from llava_local.prompt_format import JinjaFormat, NamedFormat, choose_format
-from llava_local.templates import VICUNA_SYSTEM, Message, get_template
+from llava_local.prompts.render import JinjaFormat, NamedFormat, choose_format
+from llava_local.prompts.templates import VICUNA_SYSTEM, Message, get_template
 
 DEMO_LLM = Path(__file__).resolve().parents[1] / "llava_local" / "data" / "demo" / "shapes-demo-llm-Q8_0.gguf"
 
@@ -33,7 +33,7 @@ LLAMA_CPP_VICUNA = ("USER: <image>\nWhat colour is the circle?\nASSISTANT: Red.<
 
 def _gguf_template(path: Path) -> str:
     """The template as llama.cpp reads it: `llama_model_chat_template` of a vocab-only load."""
-    from llava_local.llm import llama_cpp_lib
+    from llava_local.llama_lib import llama_cpp_lib
     L = llama_cpp_lib()
     params = L.llama_model_default_params()
     params.vocab_only = True
@@ -50,7 +50,7 @@ def _gguf_template(path: Path) -> str:
 def llama_cpp_apply(template: str, conversation, *, add_ass: bool = True) -> str | None:
     """llama.cpp's non-Jinja path: None when it does not recognise the template (what makes
     llama-mtmd-cli abort with "this custom template is not supported, try using --jinja")."""
-    from llava_local.llm import llama_cpp_lib
+    from llava_local.llama_lib import llama_cpp_lib
     L = llama_cpp_lib()
     keep = [(r.encode(), c.encode()) for r, c in conversation]
     msgs = (L.llama_chat_message * len(keep))(*[L.llama_chat_message(r, c) for r, c in keep])

@@ -45,7 +45,7 @@ def upstream_tool(name: str) -> Path:
 def _repack_flag() -> list[str]:
     """Where our probe found llama.cpp's repacked CPU kernels die on this CPU (AMX advertised but not
     enabled in some VMs), upstream needs the same switch; it is about the CPU, not our files."""
-    from llava_local.extra_bufts_probe import extra_buffer_types_allowed
+    from llava_local.runtime.extra_bufts_probe import extra_buffer_types_allowed
     return [] if extra_buffer_types_allowed() else ["--no-repack"]
 
 
@@ -107,9 +107,9 @@ def test_upstream_mtmd_cli_runs_the_demo_pair():
 def test_upstream_mtmd_cli_answers_shapes_questions(tmp_path, capsys):
     """Accuracy on the demo's held-out questions: upstream with no flags, upstream with --jinja, and
     our engine with its exact vision backend (torch) and with llama.cpp's clip graph (mtmd)."""
-    from llava_local.engine import Engine
-    from llava_local.model_pair import resolve_pair
-    from llava_local.sampling import SamplingParams
+    from llava_local.runtime.engine import Engine
+    from llava_local.runtime.model_pair import resolve_pair
+    from llava_local.runtime.sampling import SamplingParams
     from train.shapes import EVAL_KINDS, eval_records, exact_match, write_eval_images
 
     pair = resolve_pair(DEMO)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_local.images import load_image
-from llava_local.preprocess import PreprocessConfig, square_image
+from llava_local.image.load import load_image
+from llava_local.image.preprocess import PreprocessConfig, square_image
 
 from .shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, render, scene_from_dict
 
@@ -127,7 +127,7 @@ def load_pixels(records: list[dict], image_folder: Path, pp: PreprocessConfig) -
 
 
 def normalize(batch_u8: torch.Tensor, pp: PreprocessConfig) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, as llava_local.preprocess.normalize."""
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, as llava_local.image.preprocess.normalize."""
     x = batch_u8.permute(0, 3, 1, 2).double() / 255.0
     mean = torch.tensor(pp.image_mean, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(pp.image_std, dtype=torch.float64).view(1, 3, 1, 1)

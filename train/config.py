@@ -34,7 +34,7 @@ class TrainConfig:
     model: str = opt("", "Start from this llava-hf checkpoint (stage 2: the stage-1 output)")
     vision_tower: str = opt("", "Build from parts: CLIP vision tower directory (with --llm)")
     llm: str = opt("", "Build from parts: LLM directory or .gguf file (with --vision-tower)")
-    template: str = opt("vicuna_v1", "Conversation template (llava_local.templates)")
+    template: str = opt("vicuna_v1", "Conversation template (llava_local.prompts.templates)")
     image_position: str = opt("front", "front: move <image> to the start of the first turn, as LLaVA's "
                                        "preprocess_multimodal does; keep: leave it where the data puts it",
                               choices=("front", "keep"))

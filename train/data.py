@@ -11,7 +11,7 @@ runtime tokenizes prompts with, so training and inference agree token for token.
 text and its end-of-turn token carry labels. Each image slot becomes `n_image_tokens` positions
 marked IMAGE_PLACEHOLDER, where the model puts the projected CLIP features.
 
-Images go through llava_local.images.load_image and llava_local.preprocess (LLaVA-1.5's
+Images go through llava_local.image.load.load_image and llava_local.image.preprocess (LLaVA-1.5's
 pad-to-square, bicubic resize, CLIP normalisation): the pixels the runtime's vision backends see.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llava_local.images import load_image
-from llava_local.preprocess import PreprocessConfig, preprocess
-from llava_local.templates import IMAGE_MARKER, Message, Template, tokenize_segments
+from llava_local.image.load import load_image
+from llava_local.image.preprocess import PreprocessConfig, preprocess
+from llava_local.prompts.templates import IMAGE_MARKER, Message, Template, tokenize_segments
 
 from .errors import TrainDataError
 from .tokenizer import TextTokenizer

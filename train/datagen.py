@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from llava_local.errors import ContextOverflowError, LlavaLocalError
-from llava_local.sampling import SamplingParams
-from llava_local.templates import IMAGE_MARKER, Message
+from llava_local.runtime.sampling import SamplingParams
+from llava_local.prompts.templates import IMAGE_MARKER, Message
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def generate_dataset(annotations, images_dir: str | os.PathLike, teacher, out: s
                      cfg: DatagenConfig = DatagenConfig(), limit: int | None = None,
                      progress: bool = True, on_task: Callable[[dict], None] | None = None) -> DatagenResult:
     """Write LLaVA JSON to `out` from COCO-style `annotations` with `teacher` (a
-    llava_local.text_generation.TextGenerator, or anything with `generate(messages, max_tokens=,
+    llava_local.runtime.text_generation.TextGenerator, or anything with `generate(messages, max_tokens=,
     sampling=)`). `limit` stops after that many newly generated tasks (resume later by calling again)."""
     from tqdm import tqdm
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from llava_local.formats.manifest import manifest_path, write_manifest
 from .clip_pretrain import ClipConfig, train_clip
 from .config import Stage1Config, Stage2Config
 from .loop import train
@@ -88,7 +89,7 @@ class DemoConfig:
 
 def _conversations(json_paths: list[Path]):
     """(template, messages) for every record, through both templates the data is trained with."""
-    from llava_local.templates import get_template
+    from llava_local.prompts.templates import get_template
 
     from .data import to_messages
     for path in json_paths:
@@ -101,7 +102,7 @@ def _conversations(json_paths: list[Path]):
 def tokenizer_corpus(json_paths: list[Path]) -> list[str]:
     """The texts the tokenizer will see: every text segment training builds, and the runtime's
     caption prompts."""
-    from llava_local.caption import PROMPTS
+    from llava_local.caption.job import PROMPTS
     texts = [seg.text for t, msgs in _conversations(json_paths) for seg in t.segments(msgs) if not seg.is_image]
     return texts + list(PROMPTS.values())
 
@@ -172,7 +173,7 @@ def package(ckpt: Path, out: Path, work: Path, qtype: str, held_out: dict) -> di
     manifest.update(llm=llm.name, mmproj=mmproj.name, outtype=f"{qtype} (LLM), f16 (mmproj)",
                     source={"path": "python -m train.demo_model", "layout": "llava-hf"},
                     shapes_eval=held_out)   # bench/eval_shapes.py evaluates on these held-out scenes
-    (out / f"{NAME}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(manifest_path(out, NAME), manifest)
     return manifest
 
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from llava_local.templates import get_template
+from llava_local.prompts.templates import get_template
 
 from .config import Stage2Config, TrainConfig
 from .data import DataConfig, LlavaDataset, collate, default_image_folder, n_targets
@@ -145,7 +145,7 @@ def _tokenizer_source(cfg: TrainConfig, out: Path) -> Path:
 class Prepared:
     model: object                      # LlavaForConditionalGeneration, freeze rules (and LoRA) applied
     tokenizer_dir: Path
-    preprocess: object                 # llava_local.preprocess.PreprocessConfig
+    preprocess: object                 # llava_local.image.preprocess.PreprocessConfig
     output_vocab: list[int] | None     # see LlavaForTraining
 
 

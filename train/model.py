@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llava_local.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from llava_local.image.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 from .errors import TrainConfigError
 from .tokenizer import copy_tokenizer_files

@@ -83,7 +83,7 @@ class PairSpec:
 # The code that decides the files' bytes besides the spec (read as files: importing convert/ would
 # import torch, which a check that only needs the built files can do without)
 _BYTES_FROM = ("convert/writers.py", "convert/tokenizer_gguf.py", "convert/quantize.py",
-               "llava_local/gguf_names.py", "llava_local/templates.py", "train/random_gguf.py")
+               "llava_local/formats/gguf_names.py", "llava_local/prompts/templates.py", "train/random_gguf.py")
 
 
 def _code_version() -> str:
@@ -269,7 +269,7 @@ def build_pair(out_dir: str | os.PathLike, spec: PairSpec = LLAVA15_7B_WIDE, *, 
         return files
     from convert.quantize import quantize as quantize_llm
     from convert.writers import write_llm, write_mmproj
-    from llava_local.templates import DEFAULT_TEMPLATE, get_template
+    from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
     tmpl = get_template(DEFAULT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out / ".build.lock"), ThreadPoolExecutor(os.cpu_count() or 1) as pool:

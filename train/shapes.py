@@ -30,6 +30,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from llava_local.scoring import exact_match, normalize_answer  # noqa: F401  (the scorer of eval_records)
+
 RENDER_SIZE = 224          # pixels of the stored PNG; the demo CLIP sees it resized to 112
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {                # shape colours: saturated, far apart in RGB
@@ -42,7 +44,6 @@ BACKGROUNDS = {            # background colours: named apart from the shape colo
 }
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")   # cell index = 2 * row + col
 EVAL_KINDS = ("colour", "shape", "count", "position")                  # scored by bench/eval_shapes.py
-NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4"}
 
 
 @dataclass(frozen=True)
@@ -254,20 +255,6 @@ def conversation(scene: Scene, rng: random.Random, n_turns: int) -> list[QA]:
 
 
 # --- scoring ---
-
-def normalize_answer(text: str) -> str:
-    """Case, surrounding space, trailing punctuation, a leading article and number words do not count."""
-    t = " ".join(text.strip().lower().split()).rstrip(".!?,;: ").strip()
-    for art in ("a ", "an ", "the "):
-        if t.startswith(art):
-            t = t[len(art):]
-            break
-    return NUMBERS.get(t, t)
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
-
 
 # --- datasets on disk (LLaVA JSON) ---
 

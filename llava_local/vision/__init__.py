@@ -13,7 +13,7 @@ feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one
 """
 from __future__ import annotations
 
-from .base import BACKENDS, VisionBackend, create_backend, register_backend  # noqa: F401
-from . import torch_backend, mtmd_backend  # noqa: F401  (register themselves)
-from . import onnx_backend  # noqa: F401  (registers "onnx"; onnxruntime is imported only when one is created)
-from . import native_backend  # noqa: F401  (registers "native"; libllava_vision is loaded only when one is created)
+from llava_local.vision.base import BACKENDS, VisionBackend, create_backend, register_backend  # noqa: F401
+from llava_local.vision import torch_backend, mtmd_backend  # noqa: F401  (register themselves)
+from llava_local.vision import onnx_backend  # noqa: F401  (registers "onnx"; onnxruntime is imported only when one is created)
+from llava_local.vision import native_backend  # noqa: F401  (registers "native"; libllava_vision is loaded only when one is created)

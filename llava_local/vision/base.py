@@ -7,9 +7,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import BackendUnavailableError
-from ..mmproj import MmprojInfo
-from ..preprocess import PreprocessConfig
+from llava_local.errors import BackendUnavailableError
+from llava_local.formats.mmproj import MmprojInfo
+from llava_local.image.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

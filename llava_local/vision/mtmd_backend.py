@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import BackendUnavailableError, ModelFilesError
-from ..preprocess import square_image
-from .base import VisionBackend, register_backend
+from llava_local.errors import BackendUnavailableError, ModelFilesError
+from llava_local.image.preprocess import square_image
+from llava_local.vision.base import VisionBackend, register_backend
 
 log = logging.getLogger(__name__)
 

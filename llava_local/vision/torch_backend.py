@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 from PIL import Image
 
-from ..errors import BackendUnavailableError, ModelFilesError
-from ..gguf_names import CLIP_TENSORS, PROJECTOR_TENSORS
-from ..preprocess import preprocess_batch
-from .base import VisionBackend, register_backend
+from llava_local.errors import BackendUnavailableError, ModelFilesError
+from llava_local.formats.gguf_names import CLIP_TENSORS, PROJECTOR_TENSORS
+from llava_local.image.preprocess import preprocess_batch
+from llava_local.vision.base import VisionBackend, register_backend
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,182 @@
+"""`llava-local caption`: offline batch captioning (the library is caption.py; this parses and prints).
+
+Progress (images/s, ETA, failures) and the summary go to stderr; the captions go to the JSONL.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from llava_local.caption.job import PROMPTS, CaptionJob, discover_inputs, parse_shard, run_job
+from llava_local.caption.worker import STALL_TIMEOUT_S, WorkerConfig
+from llava_local.cli.errors import domain_errors, setup_logging
+from llava_local.cli.options import model_options, pair_from, sampling_from, sampling_options, status
+from llava_local.errors import LlavaLocalError
+
+EXIT_CAP = 100               # exit status = failed images, capped (exit statuses stop at 255)
+EXIT_INTERRUPTED = 130       # Ctrl-C, like a shell
+MAX_FAILURES_SHOWN = 10
+
+
+@click.command(context_settings={"default_map": {"max_tokens": 128}})
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", default="captions.jsonl", show_default=True, type=click.Path(dir_okay=False),
+              help="The JSONL of records (also the job's journal: run the same command again to resume).")
+@click.option("-p", "--prompt", default=None, help="The question asked about every image (default: --preset).")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the prompt from a file.")
+@click.option("--preset", type=click.Choice(sorted(PROMPTS)), default="short", show_default=True,
+              help=f"short: \"{PROMPTS['short']}\"  detailed: \"{PROMPTS['detailed']}\"")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Images decoded together in one llama.cpp batch (KV cache grows with it).")
+@click.option("--io-threads", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Threads decoding and resizing images.")
+@click.option("--ext", "extensions", default=None,
+              help="Comma-separated extensions to pick up in directories (default: common image types).")
+@click.option("--path-field", default="path", show_default=True, help="JSONL input: the field with the image path.")
+@click.option("--key-field", default=None, help="JSONL input: the field used as the record key (default: the path).")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Caption only shard I of N (0 <= I < N), split by a stable hash of the key.")
+@click.option("--retry-failed", is_flag=True, help="Redo images whose earlier record is an error.")
+@click.option("--overwrite", is_flag=True, help="Start afresh: discard the output's records (and replace sidecars).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the job's records as CSV (key,path,status,caption,error) at the end.")
+@click.option("--sidecar", is_flag=True, help="Also write each caption next to its image (a.jpg -> a.txt).")
+@click.option("--sidecar-ext", default=".txt", show_default=True, help="Extension of the --sidecar files.")
+@click.option("--timeout", "stall_timeout", type=click.FloatRange(1), default=STALL_TIMEOUT_S, show_default=True,
+              help="Restart the worker when it finishes nothing for this many seconds.")
+@model_options
+@sampling_options
+def caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, extensions, path_field, key_field,
+            shard, retry_failed, overwrite, csv_path, sidecar, sidecar_ext, stall_timeout, **kw):
+    """Caption many images into a JSONL, resumably: run the same command again after a crash.
+
+    INPUTS are image files, directories (searched recursively), globs, text files of paths (.txt,
+    .lst) or JSONL files with a path field. Each image gets one record: key, path, status ("ok" or
+    "error"), caption or error, the job's fingerprint, model, prompt and timings. A bad image gets an
+    error record and the job goes on; so does an image that crashes llama.cpp (the engine runs in a
+    worker process that is restarted). Records made with another model, prompt or sampling setting
+    are never reused.
+
+    Exit status: 0 when every image has a caption; otherwise the number of failed images of the
+    job (this run and earlier ones), capped at 100; 130 when interrupted. An error that stops the
+    whole job (model files, unwritable output) prints one "Error:" line and exits 1.
+
+    \b
+    Examples:
+      llava-local caption photos/ -o captions.jsonl
+      llava-local caption photos/ --preset detailed --max-tokens 256 --parallel 8
+      llava-local caption "shots/**/*.png" list.txt --sidecar          # kohya-style a.png -> a.txt
+      llava-local caption meta.jsonl --path-field image --key-field id --csv captions.csv
+      llava-local caption photos/ --shard 0/4 -o part0.jsonl           # machine 1 of 4
+      llava-local caption photos/ --retry-failed                       # resume, redoing errors
+    """
+    code = domain_errors(_caption)(inputs, output, prompt, prompt_file, preset, parallel, io_threads, extensions,
+                                   path_field, key_field, shard, retry_failed, overwrite, csv_path, sidecar,
+                                   sidecar_ext, stall_timeout, kw)
+    sys.exit(code)
+
+
+def _caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, extensions, path_field, key_field,
+             shard, retry_failed, overwrite, csv_path, sidecar, sidecar_ext, stall_timeout, kw) -> int:
+    setup_logging(kw["verbose"])
+    if prompt is not None and prompt_file is not None:
+        raise LlavaLocalError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LlavaLocalError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+    if prompt is None:
+        prompt = PROMPTS[preset]
+    if not prompt.strip():
+        raise LlavaLocalError("empty prompt")
+    if overwrite and retry_failed:
+        raise LlavaLocalError("--overwrite redoes everything; --retry-failed is then redundant")
+    if sidecar and not sidecar_ext.startswith("."):
+        raise LlavaLocalError(f"--sidecar-ext {sidecar_ext!r}: expected an extension such as .txt")
+    shard_spec = parse_shard(shard) if shard else None
+    sampling = sampling_from(kw)
+    pair = pair_from(kw)                              # model files checked before any image is read
+    exts = {"extensions": [e.strip() for e in extensions.split(",") if e.strip()]} if extensions else {}
+    items = discover_inputs(inputs, path_field=path_field, key_field=key_field, **exts)
+    if not items:
+        raise LlavaLocalError(f"no images found in {', '.join(inputs)}")
+    worker = WorkerConfig(llm_path=str(pair.llm_path), mmproj_path=str(pair.mmproj_path), prompt=prompt,
+                          system=kw["system"], sampling=sampling, max_tokens=kw["max_tokens"], parallel=parallel,
+                          io_threads=io_threads, vision_backend=kw["vision_backend"],
+                          vision_device=kw["vision_device"], n_ctx=kw["ctx"], gpu_layers=kw["gpu_layers"],
+                          threads=kw["threads"], template=kw["template"], verbose=kw["verbose"])
+    job = CaptionJob(items, Path(output), worker, retry_failed=retry_failed, overwrite=overwrite, shard=shard_spec,
+                     csv_path=Path(csv_path) if csv_path else None, sidecar_ext=sidecar_ext if sidecar else None,
+                     stall_timeout=stall_timeout)
+    progress = _Progress()
+    try:
+        summary = run_job(job, on_plan=progress.plan, on_ready=progress.ready, on_record=progress.record)
+    except KeyboardInterrupt:
+        progress.close()
+        status(f"interrupted after {progress.done} images this run; {output} holds every finished one: "
+               "run the same command to resume")
+        return EXIT_INTERRUPTED
+    finally:
+        progress.close()
+    _print_summary(summary, output)
+    return min(summary.n_failed, EXIT_CAP)
+
+
+class _Progress:
+    """A tqdm bar on stderr (images/s, ETA, failures), started once the model is loaded."""
+
+    def __init__(self):
+        self.bar = None
+        self.todo = 0
+        self.done = 0
+        self.failed = 0
+
+    def plan(self, summary, todo: int) -> None:
+        self.todo = todo
+        before = summary.done_before + summary.failed_before
+        if before:
+            status(f"resuming: {before} of {summary.total} images done before, {todo} to caption")
+        if todo:
+            status(f"loading the model for {todo} images ...")
+
+    def ready(self, info: dict) -> None:
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=self.todo, initial=self.done, unit="img", desc="caption", file=sys.stderr,
+                            disable=None, dynamic_ncols=True, smoothing=0.05)
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+
+    def record(self, rec: dict) -> None:
+        self.done += 1
+        if rec["status"] != "ok":
+            self.failed += 1
+        if self.bar is not None:
+            if rec["status"] != "ok":
+                self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_summary(s, output) -> None:
+    info = s.info
+    where = f"vision {info['vision_backend']}, parallel {info['parallel']}" if info else "nothing to do"
+    status(f"{s.total} images: {s.captioned} captioned, {s.failed} failed this run; "
+           f"{s.done_before} done and {s.failed_before} failed before"
+           + (f"; {s.replaced} recomputed (other fingerprint)" if s.replaced else "")
+           + (f"; worker restarted {s.restarts}x" if s.restarts else ""))
+    if s.captioned + s.failed:
+        status(f"{s.images_per_s:.2f} images/s ({where}); {s.elapsed_s:.1f} s total, model load {s.load_s:.1f} s "
+               f"-> {output}")
+    for path, err in s.failures[:MAX_FAILURES_SHOWN]:
+        status(f"  failed: {err if path in err else f'{path}: {err}'}")
+    if len(s.failures) > MAX_FAILURES_SHOWN:
+        more = len(s.failures) - MAX_FAILURES_SHOWN
+        status(f"  ... and {more} more (records with \"status\": \"error\" in {output})")

@@ -1,0 +1,164 @@
+"""What the runtime needs to know about an mmproj GGUF, read and validated in Python (no llama.cpp).
+
+    info = read_mmproj("model-mmproj-F16.gguf")   # raises ModelFilesError with a clear reason
+    info.image_tokens, info.projection_dim, info.feature_layer
+    info.block_tensor_names(0)   # HF CLIP name -> GGUF name, FFN naming of this file resolved
+
+Two layouts of the same LLaVA-1.5 mmproj are in circulation, and every backend reads both:
+- ours (convert/writers.py) and upstream's convert_hf_to_gguf.py: CLIP's `mlp.fc1` (hidden -> n_ff)
+  is `ffn_up`, `mlp.fc2` is `ffn_down`, and `general.type` is "mmproj".
+- upstream's legacy `tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py` (the files most
+  people download as `mmproj-model-f16.gguf`): `fc1` is named `ffn_down` and `fc2` `ffn_up`, there is
+  no `general.type`, no `clip.vision.feature_layer` (it stores only the layers LLaVA runs), and
+  position and patch embeddings and the projector's matrices are F16 even in its F32 mode.
+`ffn_swapped` records which one a file is, so that all backends agree. Like llama.cpp's clip.cpp
+(clip_model_loader, `is_ffn_swapped`), the shapes decide: names are swapped when `ffn_down` takes
+the CLIP width as input. When the MLP is square (n_ff == hidden) shapes cannot tell: clip.cpp then
+always swaps (its test is true for every square file, even correctly named ones); we read the names
+as written when the file says `general.type = mmproj` (the converters that name them right write
+it) and swapped otherwise (upstream's legacy converter never writes it).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gguf
+
+from llava_local.errors import ModelFilesError
+from llava_local.formats.gguf_check import GGUFInfo, read_gguf_info
+from llava_local.formats.gguf_names import CLIP_BLOCK_TENSORS, KEY_FEATURE_LAYER, KEY_LLAVA_LOCAL_IMAGE_TOKENS
+
+log = logging.getLogger(__name__)
+
+K = gguf.Keys
+_FFN_UP = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_FFN_UP]        # "v.blk.{bid}.ffn_up"
+_FFN_DOWN = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_FFN_DOWN]    # "v.blk.{bid}.ffn_down"
+# keys clip.cpp reads for LLaVA-1.6 ("anyres" tiling + image_newline); written by the legacy converter
+# when the CLIP config carries them. The runtime has one fixed token count per image: refused.
+KEY_IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
+KEY_MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"
+
+
+@dataclass(frozen=True)
+class MmprojInfo:
+    path: Path
+    gguf: GGUFInfo
+    projector_type: str
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    n_heads: int
+    n_layers: int
+    layer_norm_eps: float
+    projection_dim: int
+    feature_layer: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    n_ff: int = 0                   # CLIP MLP width, from the tensors (0: not checked)
+    ffn_swapped: bool = False       # fc1 stored as ffn_down, fc2 as ffn_up (upstream's legacy converter)
+    ffn_act: str = "quick_gelu"     # CLIP MLP activation as transformers names it (clip.use_gelu / use_silu)
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def block_tensor_names(self, bid: int) -> dict[str, str]:
+        """HF CLIP names of block `bid` (without .weight/.bias) -> the GGUF names this file uses."""
+        names = {rel.format(bid=bid): g.format(bid=bid) for rel, g in CLIP_BLOCK_TENSORS.items()}
+        if self.ffn_swapped:
+            names[f"encoder.layers.{bid}.mlp.fc1"] = _FFN_DOWN.format(bid=bid)
+            names[f"encoder.layers.{bid}.mlp.fc2"] = _FFN_UP.format(bid=bid)
+        return names
+
+
+def _ffn_layout(info: GGUFInfo, path: Path, hidden: int, n_layers: int) -> tuple[int, bool]:
+    """(n_ff, swapped) from the FFN matrices of the first `n_layers` blocks (see the module docstring)."""
+    n_ff, swapped = 0, False
+    for bid in range(n_layers):
+        up_name, down_name = (n.format(bid=bid) + ".weight" for n in (_FFN_UP, _FFN_DOWN))
+        for name in (up_name, down_name):
+            if name not in info.tensors:
+                raise ModelFilesError(f"{path}: mmproj lacks tensor {name}")
+        up, down = info.tensors[up_name], info.tensors[down_name]
+        u, d = up.shape[:2], down.shape[:2]   # ggml order: (in, out)
+        if len(up.shape) != 2 or len(down.shape) != 2 or u != d[::-1] or hidden not in u:
+            raise ModelFilesError(f"{path}: block {bid} FFN shapes ffn_up {list(up.shape)}, ffn_down "
+                                  f"{list(down.shape)} do not fit CLIP width {hidden} (ggml order)")
+        if u[0] != u[1]:
+            layer_swapped = u[1] == hidden          # ffn_up maps n_ff -> hidden: it is fc2
+        else:                                   # square: the shapes cannot tell
+            layer_swapped = info.get(K.General.TYPE) != gguf.GGUFType.MMPROJ
+        layer_ff = u[0] if layer_swapped else u[1]
+        if bid and (layer_ff, layer_swapped) != (n_ff, swapped):
+            how = {True: "swapped", False: "as named"}
+            raise ModelFilesError(f"{path}: block {bid} FFN ({layer_ff} wide, {how[layer_swapped]}) differs from "
+                                  f"block 0 ({n_ff} wide, {how[swapped]})")
+        n_ff, swapped = layer_ff, layer_swapped
+    if swapped and n_ff == hidden:
+        log.warning("%s: square CLIP MLP (width %d) in a file without general.type=mmproj: read as upstream's "
+                    "legacy converter names it (fc1 = ffn_down), as llama.cpp does", path, hidden)
+    return n_ff, swapped
+
+
+def _ffn_act(info: GGUFInfo, path: Path) -> str:
+    gelu, silu = bool(info.get(K.ClipVision.USE_GELU, False)), bool(info.get(K.ClipVision.USE_SILU, False))
+    if gelu and silu:
+        raise ModelFilesError(f"{path}: both {K.ClipVision.USE_GELU} and {K.ClipVision.USE_SILU} are set")
+    # use_gelu is what the legacy converter writes for hidden_act == "gelu" (transformers: erf GELU)
+    return "gelu" if gelu else "silu" if silu else "quick_gelu"
+
+
+def mmproj_from_info(info: GGUFInfo) -> MmprojInfo:
+    path = Path(info.path)
+    if info.architecture != "clip":
+        arch = info.architecture
+        hint = " — this looks like an LLM GGUF, not an mmproj (vision) file" if arch and arch != "clip" else ""
+        raise ModelFilesError(f"{path}: not an mmproj file (general.architecture is {arch!r}, expected 'clip'){hint}")
+    ptype = info.get(K.Clip.PROJECTOR_TYPE)
+    if ptype is None:
+        raise ModelFilesError(f"{path}: mmproj has no {K.Clip.PROJECTOR_TYPE} (an old LLaVA GGUF? re-convert it)")
+    if ptype != "mlp":
+        raise ModelFilesError(f"{path}: projector type {ptype!r} unsupported (LLaVA-1.5 uses 'mlp')")
+    if not info.get(K.Clip.HAS_VISION_ENCODER, False):
+        raise ModelFilesError(f"{path}: mmproj has no vision encoder")
+    if info.get(KEY_IMAGE_GRID_PINPOINTS) or info.get(KEY_MM_PATCH_MERGE_TYPE, "flat") != "flat":
+        raise ModelFilesError(f"{path}: a LLaVA-1.6 mmproj ({KEY_IMAGE_GRID_PINPOINTS} / {KEY_MM_PATCH_MERGE_TYPE} "
+                              f"{info.get(KEY_MM_PATCH_MERGE_TYPE)!r}: 'anyres' image tiling), which llava-local "
+                              "does not run; LLaVA-1.5 mmproj files have neither key")
+    for t in ("mm.0.weight", "mm.2.weight", "v.patch_embd.weight", "v.position_embd.weight"):
+        if t not in info.tensors:
+            raise ModelFilesError(f"{path}: mmproj lacks tensor {t}")
+    n_layers = int(info.require(K.ClipVision.BLOCK_COUNT))
+    fl = info.get(KEY_FEATURE_LAYER)
+    feature_layer = int(fl[0]) if isinstance(fl, list) and fl else n_layers
+    try:
+        m = MmprojInfo(
+            path=path, gguf=info, projector_type=ptype,
+            image_size=int(info.require(K.ClipVision.IMAGE_SIZE)),
+            patch_size=int(info.require(K.ClipVision.PATCH_SIZE)),
+            hidden_size=int(info.require(K.ClipVision.EMBEDDING_LENGTH)),
+            n_heads=int(info.require(K.ClipVision.Attention.HEAD_COUNT)),
+            n_layers=n_layers,
+            layer_norm_eps=float(info.get(K.ClipVision.Attention.LAYERNORM_EPS, 1e-5)),
+            projection_dim=int(info.tensors["mm.2.weight"].shape[1]),   # ggml order: (in, out)
+            feature_layer=feature_layer,
+            image_mean=tuple(float(x) for x in info.require(K.ClipVision.IMAGE_MEAN)),
+            image_std=tuple(float(x) for x in info.require(K.ClipVision.IMAGE_STD)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ModelFilesError(f"{path}: malformed mmproj metadata ({exc})") from None
+    if m.patch_size <= 0 or m.image_size % m.patch_size or not 0 < m.image_size <= 4096:
+        raise ModelFilesError(f"{path}: image_size {m.image_size} / patch_size {m.patch_size} inconsistent")
+    if not 1 <= m.feature_layer <= m.n_layers:
+        raise ModelFilesError(f"{path}: feature layer {m.feature_layer} outside 1..{m.n_layers}")
+    stored = info.get(KEY_LLAVA_LOCAL_IMAGE_TOKENS)
+    if stored is not None and int(stored) != m.image_tokens:
+        raise ModelFilesError(f"{path}: says {stored} image tokens but its geometry gives {m.image_tokens}")
+    n_ff, swapped = _ffn_layout(info, path, m.hidden_size, m.feature_layer)
+    return replace(m, n_ff=n_ff, ffn_swapped=swapped, ffn_act=_ffn_act(info, path))
+
+
+def read_mmproj(path: str | Path) -> MmprojInfo:
+    return mmproj_from_info(read_gguf_info(path))

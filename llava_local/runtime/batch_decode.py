@@ -1,0 +1,283 @@
+"""Several sequences decoded together in one llama.cpp batch, sharing the prompt prefix in the KV cache.
+
+Captioning asks the same question about many images. Every prompt is
+
+    [shared prefix: BOS, system prompt, "USER: "] [image embeddings] [suffix: "\\nQ ASSISTANT:"] [answer]
+
+so the prefix is evaluated once (sequence 0) and copied to the other sequences with
+`llama_memory_seq_cp`, which in a unified KV cache only tags the same cells with more sequence ids.
+Each step then puts one new token of every generating sequence into a single `llama_decode`, which
+costs little more than one token on its own: the weights are read once for the whole batch.
+Continuous batching: when a sequence finishes its cells after the prefix are freed
+(`llama_memory_seq_rm`) and the next image takes its slot.
+
+    llm = LlamaLLM(path, n_ctx=4096, n_seq_max=8)
+    dec = BatchDecoder(llm, prefix_tokens, n_seq=8)
+    results = dec.generate([SeqRequest("a.jpg", [embd_a, suffix], Sampler(params), max_tokens=64), ...])
+
+The LLM's context must have been created with `n_seq_max >= n_seq` (llm.py sets `kv_unified` then).
+Sampling is per sequence (its own `Sampler`, seeded per sequence by the caller). Batching changes
+llama.cpp's arithmetic only in the last bits (matmul kernels depend on the batch size, and the F16
+KV cache can round such a difference up to ~1e-3 in the logits), so greedy answers equal those
+decoded one at a time except where two tokens nearly tie: none of the test model's, a few late
+tokens on untrained random models (bench/caption_throughput.py reports it). For a given
+sequence of admissions the results are deterministic.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from llava_local.errors import ContextOverflowError, LlavaLocalError
+from llava_local.runtime.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+Part = list | np.ndarray   # token ids, or (n, n_embd) float32 embeddings (an image)
+
+
+@dataclass
+class SeqRequest:
+    key: str
+    parts: Sequence[Part]     # what follows the shared prefix, in order
+    sampler: Sampler
+    max_tokens: int
+
+
+@dataclass
+class SeqResult:
+    key: str
+    tokens: list[int]
+    text: str
+    finish_reason: str        # "stop" (end-of-generation token) | "length" (max_tokens)
+    n_prompt: int             # positions evaluated for this sequence, shared prefix excluded
+    seconds: float            # admitted -> finished (wall time, shared with the batch)
+    request: SeqRequest = field(repr=False, default=None)
+
+
+@dataclass
+class _Seq:
+    req: SeqRequest
+    slot: int
+    pos: int                                  # next position in the sequence
+    todo: deque = field(default_factory=deque)  # prompt parts not evaluated yet
+    tokens: list[int] = field(default_factory=list)
+    pending: int | None = None                # sampled, not yet evaluated
+    t0: float = 0.0
+    n_prompt: int = 0
+
+
+def request_positions(req: SeqRequest) -> int:
+    """KV cells one request may need at most: its prompt after the prefix plus its answer."""
+    return sum(len(p) for p in req.parts) + req.max_tokens
+
+
+class _Batch:
+    """A `llama_batch` over numpy buffers (filled with vector ops, not a Python loop per field)."""
+
+    def __init__(self, L, n: int, n_embd: int = 0):
+        self.n = n
+        self.pos = np.zeros(n, np.int32)
+        self.seq = np.zeros(n, np.int32)
+        self.n_seq_id = np.ones(n, np.int32)
+        self.logits = np.zeros(n, np.int8)
+        self.token = None if n_embd else np.zeros(n, np.int32)
+        self.embd = np.zeros((n, n_embd), np.float32) if n_embd else None
+        # seq_id is int32** : one pointer per token, each to its own id in self.seq
+        self._seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(n, dtype=np.uint64)).astype(np.uint64)
+        b = L.llama_batch()
+        b.n_tokens = n
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        b.token = self.token.ctypes.data_as(i32p) if self.token is not None else None
+        b.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if self.embd is not None else None
+        b.pos = self.pos.ctypes.data_as(i32p)
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
+        b.seq_id = self._seq_ptrs.ctypes.data_as(ctypes.POINTER(i32p))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+
+
+class BatchDecoder:
+    def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, capacity: int | None = None,
+                 ignore_eos: bool = False):
+        """`llm`: a LlamaLLM with n_seq_max >= n_seq. `capacity`: KV cells usable (default n_ctx).
+        `ignore_eos`: end-of-generation tokens are never sampled, so every answer runs to its
+        max_tokens (llama.cpp's --ignore-eos: benchmarks compare equal amounts of work)."""
+        if n_seq < 1:
+            raise LlavaLocalError(f"n_seq must be >= 1, got {n_seq}")
+        self.llm, self.L = llm, llm._L
+        self.n_seq = n_seq
+        self.mem = self.L.llama_get_memory(llm.ctx)
+        self.prefix = list(prefix)
+        self.capacity = (capacity or llm.n_ctx) - len(self.prefix)
+        self.free = list(range(n_seq - 1, -1, -1))   # slots (= sequence ids), popped from the end
+        self.active: dict[int, _Seq] = {}
+        self.reserved = 0                            # KV cells promised to active sequences
+        self.n_decode_calls = 0
+        self._eog = (np.array([t for t in range(llm.n_vocab) if llm.is_eog(t)], np.int64) if ignore_eos
+                     else None)
+        self.reset()
+
+    # --- state ---
+    def reset(self) -> None:
+        """Drop every sequence and evaluate the shared prefix again (after an error, or at start)."""
+        L = self.L
+        L.llama_memory_clear(self.mem, True)
+        self.free = list(range(self.n_seq - 1, -1, -1))
+        self.active.clear()
+        self.reserved = 0
+        if self.prefix:
+            for i in range(0, len(self.prefix), self.llm.n_batch):
+                chunk = self.prefix[i:i + self.llm.n_batch]
+                b = _Batch(L, len(chunk))
+                b.token[:] = chunk
+                b.pos[:] = np.arange(i, i + len(chunk))
+                self._decode(b)
+            for s in range(1, self.n_seq):
+                L.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
+
+    @property
+    def n_free(self) -> int:
+        return len(self.free)
+
+    def fits(self, req: SeqRequest) -> bool:
+        """A free slot and room in the KV cache for this request's worst case."""
+        return bool(self.free) and self.reserved + request_positions(req) <= self.capacity
+
+    def admit(self, req: SeqRequest) -> None:
+        need = request_positions(req)
+        if need > self.capacity:
+            raise ContextOverflowError(f"{req.key}: needs {need} positions after a {len(self.prefix)}-token prefix, "
+                                       f"the context has {self.capacity} (raise --ctx or lower --max-tokens)")
+        if not self.fits(req):
+            raise LlavaLocalError("no free sequence slot (check fits() before admit())")
+        if req.max_tokens < 1:
+            raise LlavaLocalError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        slot = self.free.pop()
+        self.reserved += need
+        self.active[slot] = _Seq(req, slot, pos=len(self.prefix), todo=deque(req.parts), t0=time.perf_counter())
+
+    # --- decoding ---
+    def _decode(self, b: _Batch) -> None:
+        rc = self.L.llama_decode(self.llm.ctx, b.struct)
+        self.n_decode_calls += 1
+        if rc != 0:
+            raise LlavaLocalError(f"llama_decode failed with code {rc} "
+                                  f"({'no KV cache slot' if rc == 1 else 'invalid batch' if rc == -1 else 'fatal'})")
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self.L.llama_get_logits_ith(self.llm.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab,))   # a view: valid until the next decode
+
+    def _sample(self, seq: _Seq, logits: np.ndarray, done: list[SeqResult]) -> None:
+        req = seq.req
+        if self._eog is not None:
+            logits = logits.copy()          # a view of llama.cpp's buffer: leave that as it was
+            logits[self._eog] = -np.inf
+        tok = req.sampler(logits, seq.tokens)
+        if self.llm.is_eog(tok):
+            return self._finish(seq, "stop", done)
+        seq.tokens.append(tok)
+        if len(seq.tokens) >= req.max_tokens:
+            return self._finish(seq, "length", done)
+        seq.pending = tok
+
+    def _finish(self, seq: _Seq, reason: str, done: list[SeqResult]) -> None:
+        # keep the shared prefix cells of this sequence; free the image, question and answer
+        self.L.llama_memory_seq_rm(self.mem, seq.slot, len(self.prefix), -1)
+        del self.active[seq.slot]
+        self.free.append(seq.slot)
+        self.reserved -= request_positions(seq.req)
+        text = self.llm.detokenize(seq.tokens).strip()
+        done.append(SeqResult(seq.req.key, seq.tokens, text, reason, seq.n_prompt, time.perf_counter() - seq.t0,
+                              seq.req))
+
+    def _prefill_embeddings(self, done: list[SeqResult]) -> None:
+        """Evaluate, for every sequence whose next prompt part is not its final token part, that part;
+        image embeddings of all sequences go into shared batches of up to n_batch rows."""
+        while True:
+            heads = [s for s in self.active.values()
+                     if s.todo and not (len(s.todo) == 1 and isinstance(s.todo[0], list))]
+            if not heads:
+                return
+            emb = [s for s in heads if isinstance(s.todo[0], np.ndarray)]
+            txt = [s for s in heads if not isinstance(s.todo[0], np.ndarray)]
+            for group, is_embd in ((emb, True), (txt, False)):
+                rows = []   # (seq, start row within its part, n rows)
+                for s in group:
+                    part = s.todo.popleft()
+                    if isinstance(part, np.ndarray):
+                        part = np.ascontiguousarray(part, np.float32)
+                        if part.ndim != 2 or part.shape[1] != self.llm.n_embd:
+                            raise LlavaLocalError(f"{s.req.key}: image embeddings of shape {part.shape} do not "
+                                                  f"match LLM width {self.llm.n_embd}")
+                    rows.append((s, part, not s.todo, True))
+                self._eval_parts(rows, is_embd, done)
+
+    def _eval_parts(self, rows, is_embd: bool, done: list[SeqResult]) -> None:
+        """Evaluate whole parts of several sequences, chunked to n_batch rows per llama_decode.
+        `rows`: (seq, part, final part of its prompt?, counts as prompt?)."""
+        segs = deque()   # pieces of parts that fit the current chunk: filled with slices, not per row
+        for s, part, final, is_prompt in rows:
+            s.n_prompt += len(part) if is_prompt else 0
+            segs.append([s, part, 0, final])
+        nb = self.llm.n_batch
+        while segs:
+            n = min(nb, sum(len(p) - j for _, p, j, _ in segs))
+            b = _Batch(self.L, n, self.llm.n_embd if is_embd else 0)
+            i, want = 0, []
+            while i < n:
+                seg = segs[0]
+                s, part, j, final = seg
+                k = min(len(part) - j, n - i)
+                if is_embd:
+                    b.embd[i:i + k] = part[j:j + k]
+                else:
+                    b.token[i:i + k] = part[j:j + k]
+                b.pos[i:i + k] = np.arange(s.pos, s.pos + k)
+                b.seq[i:i + k] = s.slot
+                s.pos += k
+                i += k
+                seg[2] = j + k
+                if seg[2] == len(part):
+                    segs.popleft()
+                    if final:
+                        b.logits[i - 1] = 1
+                        want.append((i - 1, s))
+            self._decode(b)
+            for i, s in want:
+                self._sample(s, self._logits(i), done)
+
+    def step(self) -> list[SeqResult]:
+        """Evaluate what is due (new prompts, one token of every generating sequence); return the
+        sequences that finished."""
+        done: list[SeqResult] = []
+        self._prefill_embeddings(done)
+        rows = []
+        for s in list(self.active.values()):
+            if s.todo:                               # the final token part of a new prompt
+                rows.append((s, s.todo.popleft(), True, True))
+            elif s.pending is not None:              # the answer's last token
+                tok, s.pending = s.pending, None
+                rows.append((s, [tok], True, False))
+        if rows:
+            self._eval_parts(rows, False, done)
+        return done
+
+    def generate(self, requests: Iterable[SeqRequest]) -> list[SeqResult]:
+        """Run requests to completion, n_seq at a time; results in the order of the requests."""
+        reqs = list(requests)
+        queue = deque(reqs)
+        out: dict[int, SeqResult] = {}
+        while queue or self.active:
+            while queue and (self.fits(queue[0]) or not self.active):
+                self.admit(queue.popleft())          # alone and too big: ContextOverflowError with the numbers
+            for r in self.step():
+                out[id(r.request)] = r
+        return [out[id(r)] for r in reqs]

@@ -1,0 +1,253 @@
+"""A multi-turn conversation that keeps llama.cpp's KV cache between turns.
+
+The conversation is rendered to one prompt string (prompt_format.py). The KV cache holds the tokens
+of a prefix of it (`kv_text`); a new turn evaluates only what its rendering appends, and images are
+encoded once (the engine caches embeddings by decoded pixels + mmproj identity).
+
+    s = engine.chat_session()
+    for piece in s.send("What is in the picture?", images=["photo.jpg"]):
+        print(piece, end="")
+    print(s.last.timings)
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from llava_local.errors import ContextOverflowError, LlavaLocalError
+from llava_local.image.load import LoadedImage
+from llava_local.runtime.sampling import Sampler, SamplingParams
+from llava_local.prompts.templates import IMAGE_MARKER, Message
+
+if TYPE_CHECKING:
+    from llava_local.runtime.engine import Engine, ImageInput
+
+log = logging.getLogger(__name__)
+
+SAVE_FORMAT = "llava-local-conversation"
+_SENTINEL = "\x00answer\x00"   # stands for the answer when finding the template's end-of-turn text
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    n_prompt_tokens: int            # positions evaluated for this turn's prompt (text + image tokens)
+    n_reused: int                   # positions already in the KV cache and not evaluated again
+    finish_reason: str              # "stop" | "length" | "interrupted"
+    timings: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def user_content(prompt: str, n_images: int) -> str:
+    """LLaVA puts the image before the question: "<image>\\nQ". Explicit markers are respected."""
+    n_markers = prompt.count(IMAGE_MARKER)
+    if n_markers == 0:
+        return (IMAGE_MARKER + "\n") * n_images + prompt
+    if n_markers != n_images:
+        raise LlavaLocalError(f"the prompt has {n_markers} {IMAGE_MARKER} markers but {n_images} images were given")
+    return prompt
+
+
+class ChatSession:
+    def __init__(self, engine: "Engine", *, system: str | None = None,
+                 sampling: SamplingParams = SamplingParams(), max_tokens: int = 512):
+        self.engine = engine
+        self.system = system
+        self.sampling = sampling.validate()
+        self.max_tokens = max_tokens
+        self.messages: list[Message] = [Message("system", system)] if system is not None else []
+        self.images: list[LoadedImage] = []      # in the order of the IMAGE_MARKERs in the messages
+        self.image_sources: list[str] = []
+        self.last: Answer | None = None
+        self.totals = {"turns": 0, "prompt_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+        self._kv_text = ""
+        self._stop = False
+
+    # --- state ---
+    def clear(self) -> None:
+        """Forget the conversation (the engine's image-embedding cache stays)."""
+        self.messages = [Message("system", self.system)] if self.system is not None else []
+        self.images, self.image_sources = [], []
+        self._kv_text = ""
+        if self.engine._owner is self:
+            self.engine.llm.reset()
+        self.last = None
+
+    def stop(self) -> None:
+        """Ask a running `send` to stop after the current token (safe from a signal handler)."""
+        self._stop = True
+
+    def _claim_kv(self) -> None:
+        if self.engine._owner is not self:
+            self.engine.llm.reset()
+            self.engine._owner = self
+            self._kv_text = ""
+
+    # --- one turn ---
+    def send(self, text: str, images: Sequence["ImageInput"] = (), *, max_tokens: int | None = None,
+             sampling: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated; `self.last` holds the `Answer`."""
+        if not text or not text.strip():
+            raise LlavaLocalError("empty prompt")
+        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        if max_tokens < 1:
+            raise LlavaLocalError(f"max_tokens must be >= 1, got {max_tokens}")
+        sampler = Sampler(sampling or self.sampling)
+        eng, llm = self.engine, self.engine.llm
+        t0 = time.perf_counter()
+        loaded = eng.load_images(images)                     # every image checked before any state change
+        t1 = time.perf_counter()
+        messages = self.messages + [Message("user", user_content(text, len(loaded)))]
+        all_images = self.images + loaded
+        target = eng.format.render(messages, add_generation_prompt=True)
+        if target.count(IMAGE_MARKER) != len(all_images):
+            raise LlavaLocalError(f"the chat template placed {target.count(IMAGE_MARKER)} images, "
+                                  f"the conversation has {len(all_images)}")
+        self._claim_kv()
+        if not target.startswith(self._kv_text):
+            log.debug("prompt is not an extension of the cached prefix: re-evaluating the conversation")
+            llm.reset()
+            self._kv_text = ""
+        delta = target[len(self._kv_text):]
+        first_image = self._kv_text.count(IMAGE_MARKER)
+        parts = delta.split(IMAGE_MARKER)
+        token_parts = [llm.tokenize(p) if p else [] for p in parts]
+        n_new_images = len(parts) - 1
+        need = sum(map(len, token_parts)) + n_new_images * eng.pair.image_tokens
+        if llm.n_past + need >= llm.n_ctx:   # refuse before encoding: never answer without the image
+            n_img_tok = n_new_images * eng.pair.image_tokens
+            if n_new_images:
+                what = (f"image needs {n_img_tok} tokens" if n_new_images == 1 else
+                        f"{n_new_images} images need {n_img_tok} tokens") + f" (+{need - n_img_tok} text)"
+            else:
+                what = f"this turn needs {need} tokens"
+            raise ContextOverflowError(f"{what}, n_ctx is {llm.n_ctx} with {llm.n_past} in use (raise --ctx, or /clear)")
+        embeds, cache_hits = eng.image_embeddings(all_images[first_image:first_image + n_new_images])
+        t2 = time.perf_counter()
+        n_reused = llm.n_past
+        try:
+            for i, toks in enumerate(token_parts):
+                if i > 0:
+                    llm.eval_embeddings(embeds[i - 1])
+                if toks:
+                    llm.eval_tokens(toks)
+        except BaseException:
+            self._kv_text = "\0"       # the cache holds a partial turn: never a prefix of anything
+            raise
+        n_prompt = llm.n_past - n_reused
+        self.messages, self.images = messages, all_images
+        self.image_sources += [im.source for im in loaded]
+        self._kv_text = target
+        t3 = time.perf_counter()
+
+        self._stop = False
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens: list[int] = []
+        n_eval = 0                  # answer tokens evaluated into the KV cache
+        finish = "interrupted"      # unless the loop below ends otherwise
+        try:
+            for _ in range(max_tokens):
+                if self._stop:
+                    break
+                tok = sampler(llm.last_logits(), tokens)
+                if llm.is_eog(tok):
+                    finish = "stop"
+                    break
+                tokens.append(tok)
+                piece = decoder.decode(llm.token_bytes(tok))
+                if piece:
+                    yield piece
+                if llm.n_past >= llm.n_ctx:
+                    finish = "length"
+                    break
+                llm.eval_tokens([tok])
+                n_eval += 1
+            else:
+                finish = "length"
+        finally:  # also when the caller stops iterating: the recorded turn must match the KV cache
+            missing = tokens[n_eval:]
+            if missing and llm.n_past + len(missing) <= llm.n_ctx:
+                llm.eval_tokens(missing)
+                n_eval = len(tokens)
+            answer_text = llm.detokenize(tokens)
+            self._close_turn(answer_text, exact=n_eval == len(tokens))
+        t4 = time.perf_counter()
+        timings = {"image_load_s": t1 - t0, "encode_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
+                   "prefill_tok_per_s": n_prompt / (t3 - t2) if t3 > t2 else 0.0,
+                   "decode_tok_per_s": len(tokens) / (t4 - t3) if tokens and t4 > t3 else 0.0,
+                   "images_encoded": n_new_images - cache_hits, "image_cache_hits": cache_hits,
+                   "vision_backend": eng.vision.name}
+        self.last = Answer(answer_text.strip(), tokens, n_prompt, n_reused, finish, timings)
+        self.totals["turns"] += 1
+        self.totals["prompt_tokens"] += n_prompt
+        self.totals["reused_tokens"] += n_reused
+        self.totals["generated_tokens"] += len(tokens)
+
+    def _close_turn(self, answer_text: str, exact: bool = True) -> None:
+        """Record the answer and evaluate what the template puts after an answer (e.g. "</s>"), so
+        the next turn's rendering extends the cache. The cache keeps the tokens the model generated
+        (as llama.cpp's server does), even where re-rendering the answer would tokenize differently."""
+        llm, fmt = self.engine.llm, self.engine.format
+        prompt = self._kv_text
+        self.messages = self.messages + [Message("assistant", answer_text.strip())]
+        probe = fmt.render(self.messages[:-1] + [Message("assistant", _SENTINEL)], add_generation_prompt=False)
+        if not exact or not probe.startswith(prompt) or probe.count(_SENTINEL) != 1:
+            self._kv_text = "\0"   # cannot extend exactly: the next turn re-evaluates from scratch
+            return
+        after = probe.split(_SENTINEL, 1)[1]
+        closed = fmt.render(self.messages, add_generation_prompt=False)
+        if not closed.endswith(after) or IMAGE_MARKER in after:
+            self._kv_text = "\0"
+            return
+        toks = llm.tokenize(after) if after else []
+        if llm.n_past + len(toks) > llm.n_ctx:
+            self._kv_text = "\0"
+            return
+        if toks:
+            llm.eval_tokens(toks)
+        self._kv_text = closed
+
+    def ask(self, text: str, images: Sequence["ImageInput"] = (), **kw) -> Answer:
+        for _ in self.send(text, images, **kw):
+            pass
+        assert self.last is not None
+        return self.last
+
+    # --- persistence ---
+    def to_json(self) -> dict:
+        return {"format": SAVE_FORMAT, "version": 1, "template": self.engine.format.name,
+                "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+                "images": list(self.image_sources)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with a saved one; its images are loaded again (and re-encoded
+        only if not in the embedding cache). The KV cache is rebuilt on the next turn."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise LlavaLocalError(f"{path}: cannot read conversation ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+            raise LlavaLocalError(f"{path}: not a llava-local conversation file")
+        try:
+            messages = [Message(str(m["role"]), str(m["content"])) for m in data["messages"]]
+            sources = [str(s) for s in data.get("images", [])]
+        except (KeyError, TypeError) as exc:
+            raise LlavaLocalError(f"{path}: malformed conversation ({exc})") from None
+        n_markers = sum(m.content.count(IMAGE_MARKER) for m in messages)
+        if n_markers != len(sources):
+            raise LlavaLocalError(f"{path}: {n_markers} image markers but {len(sources)} images")
+        loaded = self.engine.load_images(sources)
+        self.clear()
+        self.messages, self.images, self.image_sources = messages, loaded, sources
+        self.system = messages[0].content if messages and messages[0].role == "system" else None
