@@ -8,7 +8,7 @@ SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # the CPU wheel; for CUDA/Metal see README ("GPU builds")
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install deps demo test test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo
+.PHONY: install deps demo test lint test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo
 
 install deps: $(STAMP) $(SMOLLM2)
 
@@ -28,8 +28,13 @@ $(SMOLLM2):
 demo: deps
 	$(BIN)/llava-local chat -p "Describe this picture." llava_local/data/samples/shapes-1.png
 
-test: deps
+# the import contracts (pyproject.toml [tool.importlinter]) and no repeated code, then the tests
+test: deps lint
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(PY) -m pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 llava_local convert train bench
 
 test-slow: deps upstream-tools
 	$(PY) -m pytest -q -m slow

@@ -14,7 +14,7 @@ The plain loop is what llama-cpp-python's documentation shows for LLaVA-1.5:
 Every system gets the same JPEG files (synthetic scenes of shapes, 320-800 px, written to
 --work-dir), the same prompt, greedy decoding, the same --max-tokens and --threads. Model loading is
 excluded everywhere: images/s counts from the model being ready to the last caption. `caption` runs
-through the library (caption.run_job, its worker process included) with a fresh output each time.
+through the library (caption.job.run_job, its worker process included) with a fresh output each time.
 Each system runs --repeats times, interleaved; the table shows the best wall-clock run and the
 median CPU seconds per image (worker + job process for `caption`): on a shared machine wall time
 is noisy, CPU time much less so.
@@ -37,10 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llava_local.caption.job import PROMPTS, CaptionJob, discover_inputs, run_job  # noqa: E402
+from llava_local.caption.inputs import discover_inputs  # noqa: E402
+from llava_local.caption.job import CaptionJob, run_job  # noqa: E402
 from llava_local.caption.worker import WorkerConfig  # noqa: E402
+from llava_local.prompts.presets import PROMPTS  # noqa: E402
 from llava_local.runtime.model_pair import resolve_pair  # noqa: E402
 from llava_local.runtime.model_source import DEMO_DIR  # noqa: E402
+from llava_local.runtime.options import EngineOptions  # noqa: E402
 
 
 def make_images(d: Path, n: int, seed: int = 0) -> list[Path]:
@@ -69,9 +72,9 @@ def bench_caption(pair, image_dir: Path, work: Path, *, parallel: int, args) -> 
     items = discover_inputs([str(image_dir)])
     worker = WorkerConfig(llm_path=str(pair.llm_path), mmproj_path=str(pair.mmproj_path), prompt=args.prompt,
                           max_tokens=args.max_tokens, parallel=parallel, io_threads=args.io_threads,
-                          vision_backend=args.vision_backend, threads=args.threads)
+                          engine=EngineOptions(vision_backend=args.vision_backend, threads=args.threads))
     cpu0 = time.process_time()
-    s = run_job(CaptionJob(items, out, worker))
+    s = run_job(CaptionJob(items, out, worker, pair=pair))
     cpu = s.worker_cpu_s + time.process_time() - cpu0
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     toks = [r["n_tokens"] for r in recs if r["status"] == "ok"]

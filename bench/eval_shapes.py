@@ -9,25 +9,23 @@ the acceptance counts (colour, count, shape, position), plus one relational "rea
 reported apart. The model runs as a user runs it: the quantized LLM GGUF on llama.cpp, the image
 through the mmproj's CLIP + projector (vision backend "torch", the exact one), greedy decoding.
 Answers are compared after `normalize_answer` (case, trailing punctuation, articles, number words).
+The evaluation itself is llava_local/eval/shapes.py's, the one `llava-local eval --shapes` runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llava_local.cli.eval import shapes_data  # noqa: E402
+from llava_local.eval.shapes import evaluate_shapes  # noqa: E402
 from llava_local.runtime.engine import Engine  # noqa: E402
 from llava_local.runtime.model_pair import resolve_pair  # noqa: E402
-from llava_local.runtime.sampling import SamplingParams  # noqa: E402
-from train.shapes import EVAL_KINDS, eval_records, exact_match, write_eval_images  # noqa: E402
 
 DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"
 
@@ -35,40 +33,35 @@ DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"
 def evaluate(model: str | Path, *, n_images: int | None = None, seed: int | None = None,
              vision_backend: str = "torch", threads: int | None = None, progress: bool = True,
              repack: bool = False) -> dict:
-    if repack:   # by default LlamaLLM decides (on unless the once-per-CPU probe saw SIGILL)
-        os.environ["LLAVA_LOCAL_EXTRA_BUFTS"] = "1"
     pair = resolve_pair(model)
-    held_out = (pair.manifest or {}).get("shapes_eval", {})
-    n_images = n_images or held_out.get("n_images", 100)
-    seed = held_out.get("seed", 0) if seed is None else seed
-    if held_out and n_images > held_out.get("n_images", n_images):
-        print(f"warning: only the first {held_out['n_images']} evaluation images are held out of training",
-              file=sys.stderr)
-    records = eval_records(n_images, seed)
-    engine = Engine(pair, vision_backend=vision_backend, n_ctx=512, threads=threads)
-    rows = []
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_eval_images(records, Path(tmp))
-        for i, r in enumerate(records):
-            ans = engine.ask(r["question"], [Path(tmp) / r["image"]], max_tokens=16,
-                             sampling=SamplingParams(temperature=0.0))
-            rows.append({"id": r["id"], "kind": r["kind"], "question": r["question"], "answer": r["answer"],
-                         "prediction": ans.text.strip(), "correct": exact_match(ans.text, r["answer"])})
-            if progress and (i + 1) % 100 == 0:
-                print(f"{i + 1}/{len(records)}", file=sys.stderr)
-    engine.close()
-    by_kind = defaultdict(list)
-    for row in rows:
-        by_kind[row["kind"]].append(row["correct"])
-    scored = [row["correct"] for row in rows if row["kind"] in EVAL_KINDS]
+    data = shapes_data()
+    split = data.split(pair.manifest, n_images=n_images, seed=seed)
+    if split.warning():
+        print(f"warning: {split.warning()}", file=sys.stderr)
+    # without --repack LlamaLLM decides (on unless the once-per-CPU probe saw SIGILL)
+    engine = Engine(pair, vision_backend=vision_backend, n_ctx=512, threads=threads,
+                    extra_bufts=True if repack else None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            shapes = data.held_out(split, Path(tmp))
+            done = 0
+
+            def tick(_item) -> None:
+                nonlocal done
+                done += 1
+                if progress and done % 100 == 0:
+                    print(f"{done}/{len(shapes.questions)}", file=sys.stderr)
+
+            res = evaluate_shapes(engine, shapes, on_item=tick)
+    finally:
+        engine.close()
     return {
         "model": str(pair.llm_path.name), "mmproj": str(pair.mmproj_path.name), "vision_backend": vision_backend,
-        "n_images": n_images, "seed": seed, "n_questions": len(scored),
-        "accuracy": sum(scored) / len(scored),
-        "per_kind": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in by_kind.items()},
-        "seconds": round(time.perf_counter() - t0, 1),
-        "errors": [row for row in rows if not row["correct"]],
+        "n_images": split.n_images, "seed": split.seed, "n_questions": len(res.graded()),
+        "accuracy": res.accuracy(), "per_kind": res.per_category(), "seconds": round(res.seconds, 1),
+        "errors": [{"id": it.question.id, "kind": it.question.category, "question": it.question.question,
+                    "answer": it.question.answer, "prediction": it.prediction, "correct": it.correct}
+                   for it in res.items if not it.correct],
     }
 
 
@@ -89,10 +82,11 @@ def main() -> None:
         print(json.dumps(res, indent=1))
         return
     print(f"model {res['model']} + {res['mmproj']} (vision backend {res['vision_backend']})")
+    kinds = shapes_data().eval_kinds
     print(f"exact match: {res['accuracy']:.1%} on {res['n_questions']} questions "
-          f"({', '.join(EVAL_KINDS)}; {res['n_images']} held-out images, seed {res['seed']})")
+          f"({', '.join(kinds)}; {res['n_images']} held-out images, seed {res['seed']})")
     for kind, v in res["per_kind"].items():
-        note = "" if kind in EVAL_KINDS else "   (not in the overall figure)"
+        note = "" if kind in kinds else "   (not in the overall figure)"
         print(f"  {kind:<10} {v['accuracy']:6.1%}  n={v['n']}{note}")
     for e in res["errors"][:10]:
         print(f"  wrong: {e['question']!r} -> {e['prediction']!r} (expected {e['answer']!r})")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -83,8 +81,8 @@ def child(opts: dict, model: str, mmproj: str) -> None:
         _step(f"torch {torch.__version__} (cuda {torch.cuda.is_available()})")
     if opts.get("native_first"):
         from llava_local.formats.mmproj import read_mmproj
-        from llava_local.vision import create_backend
-        create_backend("native", read_mmproj(mmproj), vision_device="gpu")
+        from llava_local.vision import VisionOptions, create_backend
+        create_backend("native", read_mmproj(mmproj), VisionOptions(device="gpu"))
         _step("native encoder created")
     via = opts["via"]
     if via == "raw":
@@ -129,15 +127,6 @@ def child(opts: dict, model: str, mmproj: str) -> None:
     _step("done")
 
 
-def _signal_name(rc: int) -> str:
-    if rc >= 0:
-        return f"exit {rc}"
-    try:
-        return signal.Signals(-rc).name
-    except ValueError:
-        return f"signal {-rc}"
-
-
 def run_variant(name: str, opts: dict, model: str, mmproj: str, timeout: float) -> dict:
     cmd = [sys.executable, "-X", "faulthandler", __file__, "--child", json.dumps(opts), "--model", model,
            "--mmproj", mmproj]
@@ -150,7 +139,8 @@ def run_variant(name: str, opts: dict, model: str, mmproj: str, timeout: float) 
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
         err = err.decode(errors="replace") if isinstance(err, bytes) else err
     steps = [ln[5:] for ln in out.splitlines() if ln.startswith("STEP ")]
-    status = "timeout" if rc is None else _signal_name(rc)
+    from llava_local.caption.supervisor import signal_name   # here: a child imports nothing it does not test
+    status = "timeout" if rc is None else signal_name(rc).replace("exit status", "exit")   # "exit 0", "SIGSEGV"
     return {"variant": name, "status": status, "ok": rc == 0, "last_step": steps[-1] if steps else "(none)",
             "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
             "stderr_tail": err.strip().splitlines()[-12:]}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from llava_local.runtime.llm import LlamaLLM  # noqa: E402
 from llava_local.formats.mmproj import read_mmproj  # noqa: E402
-from llava_local.vision import BACKENDS, create_backend  # noqa: E402
+from llava_local.vision import BACKENDS, VisionOptions, create_backend  # noqa: E402
 
 BACKEND_ORDER = ("native", "mtmd", "onnx", "torch")
 # --native-variants: the CPU choices of native/README.md, each switched off in turn
@@ -119,10 +119,9 @@ def time_backends(llm_path: Path, mmproj_path: Path, names: list[str], batches: 
             if kind not in BACKENDS:
                 print(f"note: backend {name!r} is not registered here; skipped", file=sys.stderr)
                 continue
-            kw = {"threads": threads, "llm": llm, "vision_device": vision_device}
-            if kind == "native":
-                kw.update(max_batch=max(batches), **NATIVE_VARIANTS.get(name, {}))
-            backends[name] = create_backend(kind, mmproj, **kw)
+            options = VisionOptions(device=vision_device, threads=threads, max_batch=max(batches),
+                                    **NATIVE_VARIANTS.get(name, {}))
+            backends[name] = create_backend(kind, mmproj, options, llm=llm)
             backends[name].encode(images(1))  # warm-up: weights paged in, first graph allocated
         for b in batches:
             imgs = images(b)

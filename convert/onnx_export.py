@@ -31,7 +31,6 @@ folder are refused before anything is written.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 
 from llava_local.errors import ConversionError
+from llava_local.fileio import atomic_path, write_json
 # the file contract (names, sidecar format) lives with its reader, which must not import torch
 from llava_local.vision.onnx_backend import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION,
                                              model_name, sidecar_path)
@@ -234,11 +234,12 @@ def _write(module: LlavaVisionEncoder, files: OnnxFiles, sc: dict, opset: int) -
                         location=files.data.name, size_threshold=0)
         del model
         onnx.checker.check_model(str(staged), full_check=True)   # the path form also checks external data
-        (tmp / files.sidecar.name).write_text(json.dumps(sc, indent=2) + "\n")
         # data first, graph next, sidecar last: a reader never finds a graph without its weights
-        for p in (files.data, files.model, files.sidecar):
-            os.replace(tmp / p.name, p)
+        for p in (files.data, files.model):
+            with atomic_path(p) as target_tmp:      # synced, then renamed into place
+                os.replace(tmp / p.name, target_tmp)
             placed.append(p)
+        write_json(files.sidecar, sc)
     except BaseException as exc:
         for p in placed:   # a failure between renames (disk, signal): take back what went out
             p.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ the code behind `llama-quantize`), so the result is exactly what upstream tools 
 
 CLI: `llava-local quantize IN.gguf -o OUT.gguf --type Q4_K_M`.
 
-Every output is written to a temporary file and renamed into place only when complete.
+Every output is written to a temporary file and renamed into place only when complete
+(llava_local/fileio.py `atomic_path`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from llava_local.formats import gguf_names as names
 from llava_local.errors import ConversionError, ModelFilesError
+from llava_local.fileio import atomic_path
+from llava_local.formats import gguf_names as names
+
+from .gguf_output import gguf_writer, write_data
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,11 @@ def quantize(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qtype: st
     params.ftype = getattr(L, QTYPES[key])
     params.nthread = threads
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".part")
-    try:
+    with atomic_path(dst) as tmp:
         rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0 or not tmp.is_file():
             raise ConversionError(f"{src}: llama.cpp could not quantize it to {key} (code {rc}; "
                                   "run with --verbose for its log)")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("quantized %s -> %s (%s, %.1f MB)", src.name, dst.name, key, dst.stat().st_size / 1e6)
     return dst
 
@@ -111,6 +111,13 @@ def _convert_tensor(t, ttype: GT) -> np.ndarray:
     return gguf.quants.quantize(data, ttype)
 
 
+def _converted_bytes(t, ttype: GT, nbytes: int) -> np.ndarray:
+    """`_convert_tensor` as the raw bytes the writer's tensor info announced (`nbytes` of them)."""
+    arr = _convert_tensor(t, ttype)
+    assert arr.nbytes == nbytes, (t.name, arr.nbytes, nbytes)
+    return np.ascontiguousarray(arr).view(np.uint8)
+
+
 def quantize_mmproj(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qtype: str, *,
                     progress: Callable[[str], None] | None = None) -> Path:
     """Requantize an mmproj GGUF (architecture "clip") to F16 or Q8_0: 2-D matrices whose rows are a
@@ -141,9 +148,7 @@ def quantize_mmproj(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qt
         plan.append((t, ttype, _nbytes(shape, ttype)))
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".part")
-    writer = gguf.GGUFWriter(tmp, "clip")
-    try:
+    with gguf_writer(dst, "clip") as writer:
         for field in reader.fields.values():
             if field.name in _MMPROJ_SKIP_KEYS or field.name.startswith("GGUF."):
                 continue
@@ -157,22 +162,8 @@ def quantize_mmproj(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, qt
             block, size = gguf.GGML_QUANT_SIZES[ttype]
             byte_shape = (*shape[:-1], shape[-1] // block * size)
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=ttype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t, ttype, nbytes in plan:     # one tensor in memory at a time
-            arr = _convert_tensor(t, ttype)
-            assert arr.nbytes == nbytes, (t.name, arr.nbytes, nbytes)
-            writer.write_tensor_data(np.ascontiguousarray(arr).view(np.uint8))
-            if progress:
-                progress(t.name)
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_data(writer, [(t.name, lambda t=t, ttype=ttype, nbytes=nbytes: _converted_bytes(t, ttype, nbytes))
+                            for t, ttype, nbytes in plan], progress)
     log.info("quantized %s -> %s (%s, %.1f MB)", src.name, dst.name, key, dst.stat().st_size / 1e6)
     return dst
 

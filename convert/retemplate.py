@@ -18,7 +18,7 @@ The file is spliced, not re-encoded: tensor offsets in a GGUF count from the sta
 section, so only the template's key/value record and the padding before the (aligned) data section
 change. That keeps quantized blocks and every other value bit-exact and costs one streaming copy, also
 for a 7B file with a 32k-token vocabulary. The output goes to a temporary file renamed into place when
-complete.
+complete (llava_local/fileio.py `atomic_path`).
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import gguf
 
-from llava_local.formats import gguf_names as names
 from llava_local.errors import ConversionError, LlavaLocalError
+from llava_local.fileio import atomic_path
+from llava_local.formats import gguf_names as names
 from llava_local.formats.gguf_check import read_gguf_info
+from llava_local.logs import setup_logging
 from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
@@ -95,25 +97,20 @@ def retemplate(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     shift = len(record) - (cut_end - cut_start)
     new_data_offset = -(-(ti_end + shift) // reader.alignment) * reader.alignment
 
-    tmp = dst.with_name(dst.name + ".part")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            head = bytearray(fin.read(cut_start))
-            if old_field is None:
-                n_kv = reader.fields[KV_COUNT]
-                struct.pack_into("<Q", head, n_kv.offset, int(n_kv.parts[0][0]) + 1)
-            fout.write(head)
-            fout.write(record)
-            fin.seek(cut_end)
-            fout.write(fin.read(ti_end - cut_end))                 # the other records, the tensor infos
-            fout.write(b"\0" * (new_data_offset - (ti_end + shift)))
-            fin.seek(reader.data_offset)
-            shutil.copyfileobj(fin, fout, 16 << 20)               # the tensor data, unchanged
-        del reader
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    n_kv = reader.fields[KV_COUNT]
+    n_kv_offset, n_kv_new = n_kv.offset, int(n_kv.parts[0][0]) + (old_field is None)
+    data_offset = reader.data_offset
+    del reader, old_field, n_kv, kv_fields   # views of the memory-mapped `src`, which may be replaced below
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        head = bytearray(fin.read(cut_start))
+        struct.pack_into("<Q", head, n_kv_offset, n_kv_new)
+        fout.write(head)
+        fout.write(record)
+        fin.seek(cut_end)
+        fout.write(fin.read(ti_end - cut_end))                 # the other records, the tensor infos
+        fout.write(b"\0" * (new_data_offset - (ti_end + shift)))
+        fin.seek(data_offset)
+        shutil.copyfileobj(fin, fout, 16 << 20)               # the tensor data, unchanged
     log.info("%s: chat template set to the current %s", dst, name)
     return True
 
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.output and len(a.gguf) != 1:
         ap.error("-o takes one input file")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(True, fmt="%(message)s")
     try:
         for path in a.gguf:
             changed = retemplate(path, a.output, template=a.template)

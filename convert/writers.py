@@ -1,24 +1,23 @@
 """The two GGUF writers: the LLM (llama architecture) and the mmproj (llama.cpp clip format).
 
 Both stream tensors one at a time into a temporary file that is renamed into place only when
-complete, so a failed or interrupted conversion leaves no partial .gguf behind.
+complete (gguf_output.py), so a failed or interrupted conversion leaves no partial .gguf behind.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import gguf
 import numpy as np
 import torch
 
 from llava_local.errors import ConversionError
-
 from llava_local.formats import gguf_names as names
+
 from .checkpoint import LlavaCheckpoint
+from .gguf_output import gguf_writer, write_data
 from .tokenizer_gguf import add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,39 +49,16 @@ def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-@contextlib.contextmanager
-def _atomic_writer(path: Path, arch: str) -> Iterator[gguf.GGUFWriter]:
-    tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        yield writer
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_streaming(writer: gguf.GGUFWriter, tensors: list[tuple[str, Loader, gguf.GGMLQuantizationType]],
                      progress: Callable[[str], None] | None = None) -> None:
     """Two passes: tensor infos first (shapes from a load), then the data, one tensor in memory at a time."""
-    infos = []
     for gname, load, qtype in tensors:
         arr, ttype = _as_numpy(load(), qtype)
-        shape = arr.shape if arr.dtype != np.uint8 else (*arr.shape[:-1], arr.shape[-1] // 2)
         writer.add_tensor_info(gname, arr.shape, arr.dtype, arr.nbytes,
                                raw_dtype=ttype if arr.dtype == np.uint8 else None)
-        infos.append((gname, load, qtype, shape))
         del arr
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for gname, load, qtype, _ in infos:
-        arr, _t = _as_numpy(load(), qtype)
-        writer.write_tensor_data(arr)
-        if progress:
-            progress(gname)
+    write_data(writer, [(gname, lambda load=load, qtype=qtype: _as_numpy(load(), qtype)[0])
+                        for gname, load, qtype in tensors], progress)
 
 
 def write_llm(ck: LlavaCheckpoint, path: Path, outtype: str, *, chat_template: str, template_name: str,
@@ -116,7 +92,7 @@ def write_llm(ck: LlavaCheckpoint, path: Path, outtype: str, *, chat_template: s
         tensors.append((gname, load, qtype))
     n_vocab = int(ck.store.get(ck.llm_prefix + "embed_tokens.weight").shape[0])
 
-    with _atomic_writer(path, "llama") as w:
+    with gguf_writer(path, "llama") as w:
         w.add_name(ck.name)
         w.add_file_type(ftype)
         w.add_context_length(int(t.get("max_position_embeddings", 4096)))
@@ -171,7 +147,7 @@ def write_mmproj(ck: LlavaCheckpoint, path: Path, outtype: str, *, progress=None
         raise ConversionError(f"{ck.source}: projector shapes {proj_dims} do not fit CLIP width {v.hidden_size}")
 
     K = names.K
-    with _atomic_writer(path, "clip") as w:
+    with gguf_writer(path, "clip") as w:
         w.add_type(gguf.GGUFType.MMPROJ)
         w.add_name(ck.name + " mmproj")
         w.add_file_type(ftype)

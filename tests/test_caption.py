@@ -16,10 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import random_image
-from llava_local.caption.job import (CaptionOutputError, JournalWriter, _JobLock, caption_config, discover_inputs,
-                                 in_shard, read_journal)
+from llava_local.caption.inputs import discover_inputs, in_shard
+from llava_local.caption.job import _JobLock, caption_config
+from llava_local.caption.journal import CaptionOutputError, JournalWriter, read_journal
 from llava_local.caption.worker import CaptionItem, WorkerConfig
 from llava_local.cli.main import main
+from llava_local.runtime.options import EngineOptions
 from llava_local.runtime.sampling import SamplingParams
 from test_cli_run import _bad_images, _odd_images
 from test_images import fake_eps, fake_fits, fake_psd
@@ -176,7 +178,7 @@ def test_fingerprint_covers_model_prompt_sampling_and_template(pair_f32, other_w
     assert fp == caption_config(WorkerConfig(**vars(base))).fingerprint()
     variants = [dict(prompt="Describe."), dict(system="Be brief."), dict(max_tokens=64),
                 dict(sampling=SamplingParams(temperature=0.7, seed=1)), dict(sampling=SamplingParams(top_k=5)),
-                dict(template="plain"), dict(vision_backend="mtmd"),
+                dict(engine=EngineOptions(template="plain")), dict(engine=EngineOptions(vision_backend="mtmd")),
                 dict(llm_path=str(other_width_pair.llm_path)), dict(mmproj_path=str(other_width_pair.mmproj_path))]
     fps = {caption_config(WorkerConfig(**{**vars(base), **v})).fingerprint() for v in variants}
     assert fp not in fps and len(fps) == len(variants)
@@ -263,27 +265,26 @@ def test_batch_decoder_matches_one_at_a_time_chat_answers(pair_f32):
     """BatchDecoder (shared prefix, 3 sequences, continuous batching) against Engine.ask."""
     from llava_local.runtime import engine as engine_mod
     from llava_local.runtime.batch_decode import BatchDecoder, SeqRequest
-    from llava_local.runtime.chat_session import user_content
     from llava_local.errors import ContextOverflowError
+    from llava_local.prompts.templates import Message
+    from llava_local.prompts.turns import user_content
     from llava_local.runtime.sampling import Sampler
-    from llava_local.prompts.templates import IMAGE_MARKER, Message
     imgs = [random_image(30 + 7 * i, 40, seed=i) for i in range(5)]
     lengths = [3, 9, 5, 12, 1]                          # sequences finish at different steps
     ref = engine_mod.Engine(pair_f32, vision_backend="mtmd", threads=1)
     want = [ref.ask("Describe it.", [im], max_tokens=n).tokens for im, n in zip(imgs, lengths)]
     ref.close()
     eng = engine_mod.Engine(pair_f32, vision_backend="mtmd", threads=1, n_ctx=512, n_seq_max=3)
-    text = eng.format.render([Message("user", user_content("Describe it.", 1))], add_generation_prompt=True)
-    before, after = text.split(IMAGE_MARKER)
+    # the caption worker's prompt: the prompt builder's ids before and after the image
+    prefix, suffix = eng.prompt.parts([Message("user", user_content("Describe it.", 1))], n_images=1)
     llm = eng.llm
-    dec = BatchDecoder(llm, llm.tokenize(before), n_seq=3)
+    dec = BatchDecoder(llm, prefix, n_seq=3)
     emb = eng.encode_images(imgs)
-    reqs = [SeqRequest(str(i), [emb[i], llm.tokenize(after)], Sampler(SamplingParams()), n)
+    reqs = [SeqRequest(str(i), [emb[i], suffix], Sampler(SamplingParams()), n)
             for i, n in enumerate(lengths)]
     got = dec.generate(reqs)
     assert [r.tokens for r in got] == want
     assert all(r.finish_reason == "length" for r in got) and not dec.active and dec.n_free == 3
-    prefix = llm.tokenize(before)
     with pytest.raises(ContextOverflowError, match="raise --ctx"):   # the 16 image tokens do not fit
         BatchDecoder(llm, prefix, n_seq=1, capacity=len(prefix) + 16).admit(reqs[0])
     eng.close()

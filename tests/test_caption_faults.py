@@ -16,11 +16,38 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
-from llava_local.caption.worker import TEST_CRASH_ENV
 from llava_local.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--vision-backend", "mtmd", "--threads", "1"]
+
+# Loaded by every Python process started with `hook_dir` first on PYTHONPATH: the caption worker is a
+# multiprocessing spawn child and inherits the job's environment. It wraps the worker's encode step
+# so that a batch holding the victim's key kills the process: os.abort() (what llama.cpp does on a
+# failed assertion) or the named signal (SIGKILL: the OOM killer; SIGSEGV: a crashing decoder).
+CRASH_HOOK = """\
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from llava_local.caption import worker
+
+_encode = worker._Worker._encode
+
+def _encode_or_crash(self, batch):
+    if any(item.key == {victim!r} for item, _, _ in batch):
+        if {sig!r}:
+            os.kill(os.getpid(), signal.Signals[{sig!r}])
+        os.abort()
+    return _encode(self, batch)
+
+worker._Worker._encode = _encode_or_crash
+"""
+
+
+def crash_env(hook_dir: Path, victim: str, sig: str | None) -> dict:
+    """The environment of a job whose worker dies when it is about to encode `victim`."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(CRASH_HOOK.format(repo=str(REPO), victim=victim, sig=sig))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +67,7 @@ def test_worker_dying_on_one_image_fails_only_that_image(tmp_path, model_dir, ho
     keys = make_images(tmp_path / "imgs", 10)
     victim = keys[5]
     out = tmp_path / "out.jsonl"
-    env = {TEST_CRASH_ENV: victim if how == "abort" else f"{victim}@{how}"}
+    env = crash_env(tmp_path / "hook", victim, None if how == "abort" else how)
     res = CliRunner().invoke(main, ["caption", str(tmp_path / "imgs"), "-o", str(out), "--model", str(model_dir),
                                     "--parallel", "4", "--max-tokens", "6", *FAST], env=env)
     assert res.exit_code == 1, res.output

@@ -190,20 +190,21 @@ def test_template_override_by_name(pair_f32):
 
 
 def test_runtime_prompt_tokens_equal_the_training_segments(engine):
-    """The session renders one string and tokenizes what each turn appends; training tokenizes the
-    template's segments. For a multi-turn conversation with an image both give the same ids."""
-    from llava_local.prompts.templates import IMAGE_MARKER
+    """The runtime renders one string and its prompt builder tokenizes it around the images; training
+    tokenizes the template's segments. For a multi-turn conversation with an image both give the same ids."""
+    from llava_local.prompts.templates import get_template, tokenize_segments
     msgs = [Message("user", "<image>\nWhat colour is the circle?"), Message("assistant", "Red."),
             Message("user", "How many shapes are there?"), Message("assistant", "Three."),
             Message("user", "Which shape is left of the red one?")]
-    training = [it for it in engine.prompt_items(msgs)]
-    rendered = engine.format.render(msgs, add_generation_prompt=True)
+    segs = get_template(engine.format.name).segments(msgs, add_generation_prompt=True)
+    training = tokenize_segments(segs, engine.llm.tokenize, engine.llm.bos, engine.llm.eos).items
     runtime = []
-    for i, part in enumerate(rendered.split(IMAGE_MARKER)):
+    for i, part in enumerate(engine.prompt.parts(msgs, n_images=1)):
         if i:
             runtime.append(-i)
-        runtime += engine.llm.tokenize(part) if part else []
+        runtime += part
     flat = []
     for it in training:
         flat += it if isinstance(it, list) else [it]
     assert runtime == flat
+    assert engine.prompt_items(msgs) == [engine.prompt.parts(msgs)[0], -1, engine.prompt.parts(msgs)[1]]

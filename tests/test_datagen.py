@@ -1,4 +1,4 @@
-"""GPT-assisted instruction data with a local teacher (train/datagen.py): annotations in, the
+"""GPT-assisted instruction data with a local teacher (train/datagen*.py): annotations in, the
 teacher's text parsed, validated and deduplicated, LLaVA JSON out that train/data.py reads, and a
 resumed run that neither repeats nor duplicates work. The teacher is the real SmolLM2-135M-Instruct."""
 from __future__ import annotations
@@ -11,9 +11,11 @@ import pytest
 
 from llava_local.prompts.templates import IMAGE_MARKER, get_template
 from train.data import to_messages
-from train.datagen import (KINDS, DatagenConfig, ParseError, build_record, dedup_key, generate_dataset,
-                           journal_path, load_annotations, parse_teacher_output, read_journal, symbolic,
-                           teacher_messages, trim_truncated, validate_record)
+from train.coco_annotations import load_annotations, symbolic
+from train.datagen import DatagenConfig, generate_dataset, journal_path, read_journal
+from train.datagen_prompts import KINDS, teacher_messages
+from train.datagen_records import (ParseError, build_record, dedup_key, parse_teacher_output, trim_truncated,
+                                   validate_record)
 from train.shapes_coco import write_shapes_coco
 from train.tiny_models import SMOLLM2_GGUF
 

@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
-from llava_local.eval.evaluate import (EvalResult, ItemResult, Question, load_questions, markdown_report, mc_prompt,
-                                    parse_choice, parse_judge_scores)
+from llava_local.eval.evaluate import EvalResult, ItemResult
+from llava_local.eval.judge import Judge, parse_judge_scores
+from llava_local.eval.questions import Question, load_questions, mc_prompt, parse_choice
+from llava_local.eval.report import markdown_report
 from train.tiny_models import SMOLLM2_GGUF
 
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="SmolLM2 GGUF missing: run `make deps`")
@@ -63,6 +65,34 @@ def test_unscored_items_are_counted_not_averaged():
     assert [it.question.id for it in res.unscored()] == ["3", "4"]
     report = markdown_report(res)
     assert "unscored (no score)" in report and "`4`: conflicting" in report
+
+
+class _FakeGenerator:
+    def __init__(self, reply):
+        self.reply, self.calls = reply, []
+
+    def generate(self, messages, *, max_tokens):
+        self.calls.append((messages, max_tokens))
+        return self.reply
+
+    def close(self):
+        pass
+
+
+def test_judge_rates_against_the_reference_and_needs_a_context():
+    from llava_local.errors import LlavaLocalError
+    gen = _FakeGenerator("7 5\nThe reference is more precise.")
+    judge = Judge(gen, max_tokens=12)
+    q = Question("1", "x.png", "What is it?", "A red circle.", category="detail", context="a red circle: [0, 0, 1, 1]")
+    reply, verdict = judge.rate(q, "A circle.")
+    assert reply == gen.reply and verdict.scores == (7.0, 5.0)
+    (messages, max_tokens), = gen.calls
+    user = messages[-1].content
+    assert max_tokens == 12 and messages[0].role == "system"
+    assert user.index("a red circle: [0, 0, 1, 1]") < user.index("[Assistant 1]\nA red circle.") \
+        < user.index("[Assistant 2]\nA circle.")
+    with pytest.raises(LlavaLocalError, match="needs a 'context'"):
+        judge.rate(Question("2", "x.png", "q", "ref", context="  "), "a")
 
 
 # --- multiple choice ---
@@ -169,3 +199,16 @@ def test_shapes_eval_matches_bench_script(pair_f32):
     for row in ref["errors"]:                       # every wrong answer: the very same text
         assert ours[row["id"]]["prediction"] == row["prediction"] and ours[row["id"]]["correct"] is False
     assert out["accuracy"] == pytest.approx(ref["accuracy"])           # the headline figure, reasoning apart
+
+
+def test_eval_package_imports_neither_train_nor_convert():
+    """llava_local/eval is a job over the runtime: the CLI hands in what comes from train/ and convert/."""
+    import ast
+
+    from train.tiny_models import REPO
+    for path in sorted((REPO / "llava_local" / "eval").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in ("train", "convert"), f"{path.name} imports {name}"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llava_local.errors import ModelFilesError
-from llava_local.formats.gguf_check import GGUFInfo, looks_like_gguf, read_gguf_info
+from llava_local.formats.gguf_check import GGUFInfo, read_gguf_info
 
 T = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
@@ -89,14 +89,14 @@ def test_real_file_values_and_accessors(real_gguf):
     assert info.require("test.str") == "héllo {{ chat }}"
     with pytest.raises(ModelFilesError, match=r"tiny-llava\.gguf: missing metadata key clip\.projector_type"):
         info.require("clip.projector_type")
-    assert looks_like_gguf(real_gguf)
+    assert info.path == str(real_gguf) and info.version == 3     # read as a GGUF: the magic was there
 
 
-def test_looks_like_gguf_and_missing_file(tmp_path):
+def test_not_a_gguf_and_missing_file(tmp_path):
     other = tmp_path / "x.bin"
     other.write_bytes(b"PK\x03\x04rest")
-    assert not looks_like_gguf(other)
-    assert not looks_like_gguf(tmp_path / "absent.gguf")
+    with pytest.raises(ModelFilesError, match=r"x\.bin: incomplete or not a GGUF file \(bad magic b'PK\\x03\\x04'"):
+        read_gguf_info(other)
     with pytest.raises(ModelFilesError, match="absent.gguf: cannot open"):
         read_gguf_info(tmp_path / "absent.gguf")
 

@@ -440,6 +440,22 @@ def test_padded_resize_is_byte_identical_to_pad_then_resize(monkeypatch, size, s
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(literal))
 
 
+@pytest.mark.parametrize("pad_to_square", [True, False])
+def test_square_image_of_the_target_size_is_returned_as_is(pad_to_square):
+    """The caption worker squares images ahead; squaring them again must change nothing: the fast path
+    returns the image itself, with the pixels the full path (pad, bicubic resize) gives."""
+    cfg = PreprocessConfig(pad_to_square=pad_to_square)
+    img = photo((336, 336))
+    assert square_image(img, cfg) is img
+    full = resize_square(expand_to_square(img, cfg.background), cfg.image_size)
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(img))
+    once = square_image(photo((301, 173)), cfg)
+    assert square_image(once, cfg) is once
+    np.testing.assert_array_equal(preprocess(once, cfg), normalize(once, cfg))
+    other = photo((300, 300))                       # square, another size: still resized
+    assert square_image(other, cfg).size == (336, 336)
+
+
 def test_extreme_aspect_ratio_is_bounded():
     panorama = Image.new("RGB", (20000, 400), RED)  # would pad to a 400 MP canvas
     start = time.perf_counter()

@@ -42,7 +42,7 @@ from llava_local.runtime.model_pair import resolve_pair
 from llava_local.image.preprocess import preprocess_batch
 from llava_local.runtime.sampling import SamplingParams
 from llava_local.prompts.templates import Message
-from llava_local.vision import VisionBackend, create_backend
+from llava_local.vision import create_backend, preprocess_config
 
 K = gguf.Keys
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -162,7 +162,7 @@ def as_stored(tiny_model):
 @pytest.fixture(scope="module")
 def reference(legacy, tiny_model, as_stored):
     """(pixels, transformers on the stored weights, transformers on the F32 weights) for IMAGES."""
-    pixels = preprocess_batch(IMAGES, VisionBackend(read_mmproj(legacy)).preprocess_config)
+    pixels = preprocess_batch(IMAGES, preprocess_config(read_mmproj(legacy)))
     return pixels, reference_image_features(as_stored, pixels), reference_image_features(tiny_model, pixels)
 
 
@@ -307,7 +307,7 @@ def square(tmp_path_factory):
     files = {"legacy": write_legacy_mmproj(root / "legacy.gguf", clip, l1, l2),
              "named": write_legacy_mmproj(root / "named.gguf", clip, l1, l2, block_names=NAMED_RIGHT,
                                           general_type=True)}
-    pixels = preprocess_batch(IMAGES[:2], VisionBackend(read_mmproj(files["named"])).preprocess_config)
+    pixels = preprocess_batch(IMAGES[:2], preprocess_config(read_mmproj(files["named"])))
     return files, pixels, _llava_features(clip, l1, l2, pixels)
 
 
@@ -326,7 +326,7 @@ def test_use_gelu_runs_erf_gelu(tmp_path):
     clip, l1, l2 = _small_llava_vision(intermediate=64, hidden_act="gelu")
     mm = read_mmproj(write_legacy_mmproj(tmp_path / "mmproj-gelu.gguf", clip, l1, l2))
     assert (mm.ffn_act, mm.ffn_swapped) == ("gelu", True)
-    pixels = preprocess_batch(IMAGES[:2], VisionBackend(mm).preprocess_config)
+    pixels = preprocess_batch(IMAGES[:2], preprocess_config(mm))
     _assert_backends_match(mm, _llava_features(clip, l1, l2, pixels), pixels, "clip.use_gelu")
 
 

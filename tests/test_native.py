@@ -25,9 +25,8 @@ import torch
 from conftest import cosine_per_token, random_image
 from llava_local.errors import BackendUnavailableError, ModelFilesError
 from llava_local.formats.mmproj import read_mmproj
-from llava_local.runtime.model_pair import resolve_pair
 from llava_local.image.preprocess import preprocess_batch
-from llava_local.vision import VisionBackend, create_backend
+from llava_local.vision import VisionOptions, create_backend, preprocess_config
 
 IMAGES = [random_image(80, 60, 1), random_image(40, 90, 2), random_image(56, 56, 3), random_image(200, 30, 4),
           random_image(31, 77, 5)]
@@ -59,7 +58,7 @@ def converted(tiny_ckpt, converted_f32, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_model, converted):
     """(pixels, transformers' image features) for IMAGES."""
-    pixels = preprocess_batch(IMAGES, VisionBackend(read_mmproj(converted["f32"])).preprocess_config)
+    pixels = preprocess_batch(IMAGES, preprocess_config(read_mmproj(converted["f32"])))
     with torch.no_grad():
         f = tiny_model.get_image_features(pixel_values=torch.from_numpy(pixels))
     f = getattr(f, "pooler_output", f)
@@ -87,7 +86,7 @@ def _mtmd_cosine(mmproj_path: Path, llm_path: Path, ref: np.ndarray) -> np.ndarr
 def test_native_matches_pytorch_reference(native_lib, converted, converted_f32, reference, outtype):
     pixels, ref = reference
     mmproj = read_mmproj(converted[outtype])
-    backend = create_backend("native", mmproj, max_batch=4)
+    backend = create_backend("native", mmproj, VisionOptions(max_batch=4))
     try:
         for batch in (1, 4):
             out = _encode_in_batches(backend, pixels, batch)
@@ -108,8 +107,8 @@ def test_native_matches_pytorch_reference(native_lib, converted, converted_f32, 
 def test_native_other_paths_match(native_lib, converted, reference, flash_attn, cpu_f32_weights):
     """Softmax attention instead of flash attention; F16 matrices multiplied as F16 (activations rounded)."""
     pixels, ref = reference
-    backend = create_backend("native", read_mmproj(converted["f16"]), max_batch=4, flash_attn=flash_attn,
-                             cpu_f32_weights=cpu_f32_weights)
+    backend = create_backend("native", read_mmproj(converted["f16"]),
+                             VisionOptions(max_batch=4, flash_attn=flash_attn, cpu_f32_weights=cpu_f32_weights))
     try:
         cos = cosine_per_token(backend.encode_pixels(pixels[:4]), ref[:4])
     finally:
@@ -120,7 +119,7 @@ def test_native_other_paths_match(native_lib, converted, reference, flash_attn, 
 
 def test_native_q8_0(native_lib, converted, reference):
     pixels, ref = reference
-    backend = create_backend("native", read_mmproj(converted["q8_0"]), max_batch=4)
+    backend = create_backend("native", read_mmproj(converted["q8_0"]), VisionOptions(max_batch=4))
     try:
         assert native_lib.llava_vision_weight_type(backend.ctx) == b"q8_0"
         cos = cosine_per_token(backend.encode_pixels(pixels[:4]), ref[:4])
@@ -132,7 +131,7 @@ def test_native_q8_0(native_lib, converted, reference):
 
 def test_batch_is_independent_of_its_neighbours(native_lib, converted):
     """One graph for the batch must not mix images: image 0 alone equals image 0 in a batch of 4."""
-    backend = create_backend("native", read_mmproj(converted["f32"]), max_batch=4)
+    backend = create_backend("native", read_mmproj(converted["f32"]), VisionOptions(max_batch=4))
     try:
         alone = backend.encode(IMAGES[:1])
         batched = backend.encode(IMAGES[:4])
@@ -158,13 +157,30 @@ def test_engine_uses_native(native_lib, pair_f32):
 def test_gpu_request_runs_where_ggml_can(native_lib, converted, reference):
     """--vision-device gpu takes the first GPU ggml has (CUDA, Metal...), else the CPU; exact either way."""
     pixels, ref = reference
-    backend = create_backend("native", read_mmproj(converted["f32"]), vision_device="gpu", max_batch=4)
+    backend = create_backend("native", read_mmproj(converted["f32"]), VisionOptions(device="gpu", max_batch=4))
     try:
         cos = cosine_per_token(backend.encode_pixels(pixels[:4]), ref[:4])
-        print(f"native with vision_device=gpu ran on {backend.device_name}: cosine min {cos.min():.8f}")
+        print(f"native with device=gpu ran on {backend.device_name}: cosine min {cos.min():.8f}")
     finally:
         backend.close()
     assert cos.min() >= MIN_COSINE["f32"]
+
+
+def test_backends_take_one_options_object():
+    """Every backend is built as (mmproj, VisionOptions, llm=None): no keyword is swallowed, a device
+    other than cpu/gpu is refused when the options are made, and the base class is abstract."""
+    import inspect
+    from llava_local.errors import LlavaLocalError
+    from llava_local.vision import BACKENDS, VisionBackend
+    assert sorted(BACKENDS) == ["mtmd", "native", "onnx", "torch"]
+    for name, cls in BACKENDS.items():
+        assert list(inspect.signature(cls.__init__).parameters) == ["self", "mmproj", "options", "llm"], name
+    with pytest.raises(TypeError):
+        create_backend("native", None, max_batch=4)       # the old keyword style
+    with pytest.raises(LlavaLocalError, match="cpu or gpu"):
+        VisionOptions(device="auto")
+    with pytest.raises(TypeError, match="abstract"):
+        VisionBackend(None)
 
 
 def test_missing_library_is_backend_unavailable(monkeypatch, tmp_path, converted):
@@ -269,7 +285,7 @@ def test_c_api_rejects_bad_arguments(native_lib, converted):
 
 
 def test_binding_rejects_bad_pixels(native_lib, converted):
-    backend = create_backend("native", read_mmproj(converted["f32"]), max_batch=2)
+    backend = create_backend("native", read_mmproj(converted["f32"]), VisionOptions(max_batch=2))
     try:
         s = backend.mmproj.image_size
         with pytest.raises(ValueError, match="expected"):

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from conftest import IMAGES, assert_embeddings_close, random_image, reference_image_features
+from conftest import IMAGES, assert_embeddings_close, reference_image_features
 from llava_local.cli.main import main
 from llava_local.errors import BackendUnavailableError, ConversionError, ModelFilesError
 from llava_local.image.preprocess import preprocess_batch
-from llava_local.vision import create_backend
+from llava_local.vision import VisionOptions, create_backend
 from llava_local.vision.onnx_backend import choose_providers
 
 import onnx  # noqa: E402  (a core dependency: these tests must run, never skip)
@@ -99,7 +98,7 @@ def test_original_layout_exports_the_same_encoder(tiny_ckpt, tiny_model, onnx_pa
     from convert.onnx_export import export_onnx
     _, _, orig_dir, clip_dir = tiny_ckpt
     path = export_onnx(orig_dir, tmp_path, name="orig", vision_tower=clip_dir)
-    b = create_backend("onnx", onnx_pair.mmproj, onnx_path=path)
+    b = create_backend("onnx", onnx_pair.mmproj, VisionOptions(onnx_path=path))
     pixels = preprocess_batch(IMAGES, b.preprocess_config)
     d = assert_embeddings_close(b.encode_pixels(pixels), reference_image_features(tiny_model, pixels), max_abs=1e-4)
     print(f"original-layout export vs transformers, batch 4: max |Δ| = {d:.2e}")
@@ -107,8 +106,8 @@ def test_original_layout_exports_the_same_encoder(tiny_ckpt, tiny_model, onnx_pa
 
 def test_onnx_encodes_in_batches(onnx_pair):
     """More images than one session.run takes: chunked, same result as one batch."""
-    b2 = create_backend("onnx", onnx_pair.mmproj, batch_size=3)
-    b8 = create_backend("onnx", onnx_pair.mmproj, batch_size=8)
+    b2 = create_backend("onnx", onnx_pair.mmproj, VisionOptions(batch_size=3))
+    b8 = create_backend("onnx", onnx_pair.mmproj, VisionOptions(batch_size=8))
     imgs = IMAGES + IMAGES[:3]
     a, b = b2.encode(imgs), b8.encode(imgs)
     assert a.shape == (7, 16, 64)
@@ -143,7 +142,7 @@ def test_sidecar_of_another_model_is_refused(onnx_pair, tmp_path):
     sc["n_embd"] = 96
     (d / "tiny-hf-vision.json").write_text(json.dumps(sc))
     with pytest.raises(ModelFilesError, match=r"tiny-hf-vision\.json.*n_embd 96.*has 64"):
-        create_backend("onnx", onnx_pair.mmproj, onnx_path=d / "tiny-hf-vision.onnx")
+        create_backend("onnx", onnx_pair.mmproj, VisionOptions(onnx_path=d / "tiny-hf-vision.onnx"))
 
 
 def test_providers_follow_the_vision_device():
@@ -233,7 +232,7 @@ def test_external_data_outside_the_folder_is_refused(onnx_pair, tmp_path, outsid
         raise AssertionError("onnxruntime must not see a refused model")
     monkeypatch.setattr(onnxruntime, "InferenceSession", no_session)
     with pytest.raises(ModelFilesError) as exc:
-        create_backend("onnx", onnx_pair.mmproj, onnx_path=model)
+        create_backend("onnx", onnx_pair.mmproj, VisionOptions(onnx_path=model))
     msg = str(exc.value)
     assert str(model) in msg and tensor in msg and "outside the model's folder" in msg
 

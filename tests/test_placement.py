@@ -132,16 +132,15 @@ def test_python_api_and_caption_jobs_resolve_auto_before_the_fingerprint():
         assert m.engine.vision.name == m.engine.placement.vision_backend == "torch"   # a session, on a CPU
     llm, mmproj = next(DEMO.glob("*-llm-*.gguf")), next(DEMO.glob("*-mmproj-*.gguf"))
     auto = WorkerConfig(str(llm), str(mmproj), "Describe this picture.", max_tokens=4, parallel=4)
-    assert (auto.vision_backend, auto.vision_device, auto.gpu_layers) == ("auto", "auto", "auto")
+    assert (auto.engine.vision_backend, auto.engine.vision_device, auto.engine.gpu_layers) == ("auto", "auto", "auto")
     w = resolve_worker(auto)
-    assert (w.vision_backend, w.vision_device, w.gpu_layers) == ("torch", "cpu", 0)
+    assert (w.engine.vision_backend, w.engine.vision_device, w.engine.gpu_layers) == ("torch", "cpu", 0)
     cfg = caption_config(w)
     assert (cfg.vision_backend, cfg.vision_device, cfg.llm_device) == ("torch", "cpu", "cpu")
     # what ran decides the fingerprint: the same job on the GPU, or with native, is another job
     from dataclasses import replace
-    assert caption_config(replace(w, vision_device="gpu")).fingerprint() != cfg.fingerprint()
-    assert caption_config(replace(w, vision_backend="native")).fingerprint() != cfg.fingerprint()
-    assert caption_config(replace(w, gpu_layers=33)).fingerprint() != cfg.fingerprint()
+    for change in (dict(vision_device="gpu"), dict(vision_backend="native"), dict(gpu_layers=33)):
+        assert caption_config(replace(w, engine=replace(w.engine, **change))).fingerprint() != cfg.fingerprint()
 
 
 def test_gpu_bisect_runs_its_variants_in_separate_processes(tmp_path):

@@ -2,8 +2,9 @@
 mmproj's Q8_0 loads in libmtmd and in the torch backend; `quantize`, `convert --quantize` and
 `eval-quant` through the CLI, with bad input as one `Error:` line.
 
-Models load without llama.cpp's CPU weight repacking (see QuantEvalConfig.repack): where a VM
-advertises AMX without enabling it, the repacked Q4/Q8 kernels die with SIGILL.
+Models load without llama.cpp's CPU weight repacking (extra_bufts=False, eval-quant --no-repack; see
+QuantEvalConfig.repack): where a VM advertises AMX without enabling it, the repacked Q4/Q8 kernels
+die with SIGILL.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import assert_one_line_error, IMAGES, cosine_per_token
-from llava_local.eval.quant_eval import Case, teacher_forced_top1, weight_repacking
+from llava_local.eval.quant_eval import Case, teacher_forced_case, teacher_forced_top1
 from convert.quantize import QTYPES, quantize, quantize_mmproj
 from llava_local.cli.main import main
 from llava_local.runtime.engine import Engine
@@ -27,16 +28,9 @@ from llava_local.formats.mmproj import read_mmproj
 from llava_local.runtime.model_pair import resolve_pair
 from llava_local.image.preprocess import preprocess_batch
 from llava_local.runtime.sampling import SamplingParams
-from llava_local.prompts.templates import Message, tokenize_segments
-from llava_local.vision import create_backend
+from llava_local.vision import VisionOptions, create_backend
 
 GT = gguf.GGMLQuantizationType
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_weight_repacking():
-    with weight_repacking(False):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,8 @@ def test_each_type_loads_and_answers(quantized, converted_f32, qtype):
     path = quantized[qtype]
     assert _file_type(path) == getattr(gguf.LlamaFileType, "MOSTLY_" + qtype)
     assert path.stat().st_size < converted_f32.llm_path.stat().st_size
-    eng = Engine(resolve_pair(path, converted_f32.mmproj_path), vision_backend="torch", n_ctx=256, threads=1)
+    eng = Engine(resolve_pair(path, converted_f32.mmproj_path), vision_backend="torch", n_ctx=256, threads=1,
+                 extra_bufts=False)
     try:
         ans = eng.ask("Describe the image.", [IMAGES[0]], max_tokens=4, sampling=SamplingParams(temperature=0.0))
     finally:
@@ -79,27 +74,25 @@ QUESTIONS_ANSWERS = [   # what the learned tiny model is taught (one per image o
 
 def _cases(pair) -> tuple[list[Case], np.ndarray, np.ndarray]:
     """Teacher-forced cases (training layout), image embeddings and preprocessed pixels of IMAGES."""
-    eng = Engine(pair, vision_backend="torch", n_ctx=256, threads=1)
+    eng = Engine(pair, vision_backend="torch", n_ctx=256, threads=1, extra_bufts=False)
     try:
-        cases = []
-        for i, (q, a) in enumerate(QUESTIONS_ANSWERS):
-            segs = eng.template.segments([Message("user", "<image>\n" + q), Message("assistant", a)])
-            conv = tokenize_segments(segs, eng.llm.tokenize, eng.llm.bos, eng.llm.eos)
-            cases.append(Case(conv.items[:-1], i, conv.items[-1]))
+        cases = [teacher_forced_case(eng, q, a, i) for i, (q, a) in enumerate(QUESTIONS_ANSWERS)]
+        for c, (_, a) in zip(cases, QUESTIONS_ANSWERS):   # the targets: the answer, then the end of turn
+            assert eng.llm.detokenize(c.target[:-1]).strip() == a and eng.llm.is_eog(c.target[-1])
         return cases, eng.encode_images(IMAGES), preprocess_batch(IMAGES, eng.vision.preprocess_config)
     finally:
         eng.close()
 
 
-def _top1(llm_paths: dict, cases: list[Case], embeds: np.ndarray) -> dict[str, np.ndarray]:
+def _top1(llm_paths: dict, mmproj, cases: list[Case], embeds: np.ndarray) -> dict[str, np.ndarray]:
     """Arg-max tokens at every teacher-forced answer position (answer + end of turn), per LLM."""
     out = {}
     for name, path in llm_paths.items():
-        llm = LlamaLLM(path, n_ctx=256, n_threads=1)
+        eng = Engine(resolve_pair(path, mmproj), vision_backend="torch", n_ctx=256, threads=1, extra_bufts=False)
         try:
-            out[name] = np.concatenate([teacher_forced_top1(llm, c, embeds) for c in cases])
+            out[name] = np.concatenate([teacher_forced_top1(eng, c, embeds) for c in cases])
         finally:
-            llm.close()
+            eng.close()
     return out
 
 
@@ -154,14 +147,15 @@ def test_q8_0_agrees_with_f16_on_teacher_forced_tokens(learned_model, quantized,
     The untrained tiny model's figures are printed too: there, rounding decides the near-ties."""
     pair, paths, loss = learned_model
     cases, embeds, _ = _cases(pair)
-    top = _top1(paths, cases, embeds)
+    top = _top1(paths, pair.mmproj_path, cases, embeds)
     agree = float((top["Q8_0"] == top["F16"]).mean())
     print(f"\nlearned tiny model (train loss {loss:.3f}): Q8_0 vs F16 top-1 agreement {agree:.1%} over "
           f"{top['F16'].size} teacher-forced tokens (F32 vs F16 {(top['F32'] == top['F16']).mean():.1%})")
     assert agree >= 0.99
 
     cases, embeds, _ = _cases(pair_f32)
-    top = _top1({"F32": pair_f32.llm_path, **{t: quantized[t] for t in ("F16", "Q8_0", "Q4_K_M")}}, cases, embeds)
+    top = _top1({"F32": pair_f32.llm_path, **{t: quantized[t] for t in ("F16", "Q8_0", "Q4_K_M")}},
+                pair_f32.mmproj_path, cases, embeds)
     print(f"untrained tiny model, agreement with F16 over {top['F16'].size} tokens: "
           + ", ".join(f"{t} {(top[t] == top['F16']).mean():.1%}" for t in ("F32", "Q8_0", "Q4_K_M")))
     assert (top["F32"] == top["F16"]).mean() >= 0.95
@@ -183,11 +177,11 @@ def test_mmproj_q8_0_loads_in_mtmd_and_torch(converted_f32, tmp_path):
     assert dst.stat().st_size < 0.5 * src.stat().st_size
     mm32, mm8 = read_mmproj(src), read_mmproj(dst)
 
-    llm = LlamaLLM(converted_f32.llm_path, n_ctx=128, n_threads=1)
+    llm = LlamaLLM(converted_f32.llm_path, n_ctx=128, n_threads=1, extra_bufts=False)
     try:
         for name in ("torch", "mtmd"):
             # each backend against itself at F32 (mtmd's graph differs from the reference by design, #25814)
-            ref, q = (create_backend(name, m, llm=llm, threads=1) for m in (mm32, mm8))
+            ref, q = (create_backend(name, m, VisionOptions(threads=1), llm=llm) for m in (mm32, mm8))
             try:
                 a, b = ref.encode(IMAGES), q.encode(IMAGES)
             finally:
@@ -225,7 +219,7 @@ def test_cli_quantize_errors_are_one_line(converted_f32, tmp_path):
         half.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
         assert_one_line_error(run_cli("quantize", half, "-o", tmp_path / "x.gguf", "--type", "Q8_0"),
                               name, "incomplete")
-    assert not list(tmp_path.glob("x.gguf*"))          # nothing written, no .part left
+    assert not list(tmp_path.glob("*x.gguf*"))          # nothing written, no .part left
 
 
 def test_convert_quantize(tiny_ckpt, tmp_path):
@@ -250,7 +244,7 @@ def test_eval_quant_writes_table_and_plot(converted_f32, tmp_path):
     report, plot = tmp_path / "quant.md", tmp_path / "quant.png"
     res = run_cli("eval-quant", converted_f32.llm_path.parent, "--types", "Q4_0,Q8_0", "--prompts", "3",
                   "--answer-tokens", "8", "--gen-tokens", "8", "--timing-runs", "1", "--threads", "1",
-                  "--report", report, "--plot", plot)
+                  "--no-repack", "--report", report, "--plot", plot)
     assert res.exit_code == 0, res.output
     table = res.stdout
     assert report.read_text() == table
@@ -272,7 +266,7 @@ def test_eval_quant_on_a_shapes_model_adds_accuracy(converted_f32, tmp_path):
     m = dict(converted_f32.manifest, shapes_eval={"seed": 0, "n_images": 100})
     (d / converted_f32.manifest_path.name).write_text(json.dumps(m))
     res = run_cli("eval-quant", d, "--types", "Q8_0", "--prompts", "4", "--shapes", "4", "--gen-tokens", "8",
-                  "--timing-runs", "1", "--threads", "1")
+                  "--timing-runs", "1", "--threads", "1", "--no-repack")
     assert res.exit_code == 0, res.output
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ")]
     assert rows[0].rstrip().endswith("| shapes accuracy |") and len(rows) == 3

@@ -13,7 +13,7 @@ import torch
 from llava_local.image.preprocess import PreprocessConfig, preprocess
 from llava_local.errors import ImageError
 from llava_local.image.load import load_image
-from llava_local.prompts.templates import IMAGE_MARKER, Message, get_template, tokenize_segments
+from llava_local.prompts.templates import get_template, tokenize_segments
 from train.data import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataConfig, LlavaDataset, collate, encode, n_targets,
                         to_messages, truncate)
 from train.tokenizer import load_tokenizer

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from llava_local.formats.gguf_check import read_gguf_info
-from train.shapes import eval_records, exact_match, write_eval_images
+from llava_local.scoring import exact_match
+from train.shapes import eval_records, write_eval_images
 
 from train_helpers import no_weight_repacking  # noqa: F401  (fixture)
 

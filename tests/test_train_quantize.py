@@ -11,8 +11,6 @@ from convert.quantize import quantize
 from llava_local.errors import ConversionError
 from llava_local.formats.gguf_check import read_gguf_info
 
-from train_helpers import no_weight_repacking  # noqa: F401  (fixture)
-
 LLAMA_FTYPE = {"Q8_0": 7, "Q4_K_M": 15}
 
 
@@ -23,16 +21,16 @@ MIN_CORRELATION = {"Q8_0": 0.99, "Q4_K_M": 0.85}
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
-def test_quantized_llm_loads_in_llama_cpp_and_stays_close(converted_f32, tmp_path, qtype, no_weight_repacking):
+def test_quantized_llm_loads_in_llama_cpp_and_stays_close(converted_f32, tmp_path, qtype):
     from llava_local.runtime.llm import LlamaLLM
     dst = quantize(converted_f32.llm_path, tmp_path / f"m-{qtype}.gguf", qtype.lower())
-    assert dst.is_file() and not list(tmp_path.glob("*.part"))
+    assert dst.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]   # no temporary left
     info = read_gguf_info(dst)
     assert info.metadata["general.file_type"] == LLAMA_FTYPE[qtype]
     assert dst.stat().st_size < converted_f32.llm_path.stat().st_size / 2
     logits = []
     for path in (converted_f32.llm_path, dst):
-        llm = LlamaLLM(path, n_ctx=64)
+        llm = LlamaLLM(path, n_ctx=64, extra_bufts=False)   # no CPU weight repacking: SIGILL on some VMs
         try:
             llm.eval_tokens(llm.tokenize("USER: What colour is the circle? ASSISTANT:"))
             logits.append(llm.last_logits().copy())
@@ -54,4 +52,4 @@ def test_quantize_errors(converted_f32, tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(Exception):
         quantize(bad, tmp_path / "x.gguf", "Q8_0")
-    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.part"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]   # no output, no temporary left

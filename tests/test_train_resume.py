@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from llava_local.errors import LlavaLocalError
 from train.loop import train
 
 from train_helpers import max_abs_diff, shapes_split, stage2_config, weights
@@ -54,5 +55,6 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_ckpt, split, t
 
 def test_resume_refuses_a_directory_that_is_not_a_checkpoint(tiny_ckpt, split, tmp_path):
     cfg = stage2_config(split, tiny_ckpt[1], tmp_path / "c", resume=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not a resumable checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a resumable checkpoint") as exc:
         train(cfg)
+    assert isinstance(exc.value, LlavaLocalError)        # `llava-local train` shows it as one Error: line

@@ -1,4 +1,4 @@
-"""train/loop.py's step sampler: every record once per epoch, length grouping, and no state to resume.
+"""train/schedule.py's step sampler: every record once per epoch, length grouping, and no state to resume.
 
     .venv/bin/python -m pytest -q tests/test_train_sampler.py
 """
@@ -11,7 +11,7 @@ import torch
 
 from train.config import Stage2Config
 from train.distributed import Dist
-from train.loop import StepBatches, make_plan, step_indices
+from train.schedule import StepBatches, make_plan, step_indices
 
 N = 203                      # not a multiple of the batch: the epoch's last partial batch is dropped
 

@@ -9,9 +9,9 @@ import random
 
 import numpy as np
 
+from llava_local.scoring import exact_match, normalize_answer
 from train.shapes import (COLOURS, EVAL_KINDS, POSITIONS, caption, conversation, description, eval_records,
-                          exact_match, normalize_answer, questions, random_scene, render, scene_from_dict,
-                          write_dataset)
+                          questions, random_scene, render, scene_from_dict, write_dataset)
 
 
 def _article_free(answer: str) -> str:

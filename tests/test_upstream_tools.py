@@ -110,7 +110,8 @@ def test_upstream_mtmd_cli_answers_shapes_questions(tmp_path, capsys):
     from llava_local.runtime.engine import Engine
     from llava_local.runtime.model_pair import resolve_pair
     from llava_local.runtime.sampling import SamplingParams
-    from train.shapes import EVAL_KINDS, eval_records, exact_match, write_eval_images
+    from llava_local.scoring import exact_match
+    from train.shapes import EVAL_KINDS, eval_records, write_eval_images
 
     pair = resolve_pair(DEMO)
     seed = (pair.manifest or {}).get("shapes_eval", {}).get("seed", 0)

@@ -11,20 +11,20 @@ Options of stage1/stage2 are generated from the dataclasses in config.py (defaul
 from __future__ import annotations
 
 import functools
-import logging
-import sys
+import os
 
 import click
+
+from llava_local.logs import setup_logging
 
 from .config import Stage1Config, Stage2Config, click_options, config_from_kwargs
 
 
-def _setup_logging(verbose: bool) -> None:
-    import os
+def _setup_logging() -> None:
+    """INFO on rank 0, which reports progress; WARNING on the other torchrun processes. Every line
+    names its rank."""
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.INFO if verbose or rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(rank == 0, fmt=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def _user_errors(fn):
@@ -71,7 +71,7 @@ def stage1(**kwargs):
       torchrun --nproc_per_node 2 -m train.cli stage1 ... --out runs/s1     # several processes (DDP)
     """
     from .loop import train as run
-    _setup_logging(False)
+    _setup_logging()
     res = run(config_from_kwargs(Stage1Config, kwargs))
     click.echo(str(res.out))
 
@@ -91,7 +91,7 @@ def stage2(**kwargs):
       llava-local train stage2 ... --save-every 500 --resume auto      # continue after an interruption
     """
     from .loop import train as run
-    _setup_logging(False)
+    _setup_logging()
     res = run(config_from_kwargs(Stage2Config, kwargs))
     click.echo(str(res.out))
 
@@ -130,9 +130,8 @@ def demo_model(out, work):
     """
     from pathlib import Path
 
-    from .demo_model import REPO, DemoConfig, build
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    from .demo_model import LOG_DATEFMT, LOG_FORMAT, REPO, DemoConfig, build
+    setup_logging(True, fmt=LOG_FORMAT, datefmt=LOG_DATEFMT)
     report = build(Path(out or REPO / "llava_local" / "data" / "demo"), Path(work or REPO / ".cache" / "demo-build"),
                    REPO / "llava_local" / "data" / "samples", DemoConfig())
     click.echo(f"built in {report['seconds']:.0f}s, {report['size_mb']:.1f} MB")

@@ -33,6 +33,7 @@ from torch import nn
 
 from llava_local.image.load import load_image
 from llava_local.image.preprocess import PreprocessConfig, square_image
+from llava_local.logs import setup_logging
 
 from .shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, render, scene_from_dict
 
@@ -230,7 +231,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=ClipConfig.steps)
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(True, fmt="%(message)s")
     torch.set_num_threads(2)
     try:
         recs = json.loads(Path(a.scenes).read_text())

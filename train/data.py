@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llava_local.image.load import load_image
@@ -260,8 +259,3 @@ def n_targets(labels: torch.Tensor) -> int:
 
 def default_image_folder(json_path: str | os.PathLike, image_folder: str | os.PathLike | None) -> Path:
     return Path(image_folder) if image_folder else Path(json_path).resolve().parent
-
-
-def label_mask(ids: list[int], labels: list[int]) -> np.ndarray:
-    """Boolean per position: is it trained on (for tests and data inspection)."""
-    return np.asarray(labels) != IGNORE_INDEX

@@ -37,6 +37,9 @@ from pathlib import Path
 import torch
 
 from llava_local.formats.manifest import manifest_path, write_manifest
+from llava_local.logs import setup_logging
+from llava_local.prompts.presets import PROMPTS
+
 from .clip_pretrain import ClipConfig, train_clip
 from .config import Stage1Config, Stage2Config
 from .loop import train
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "shapes-demo"
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"     # a build takes minutes: every line says when
+LOG_DATEFMT = "%H:%M:%S"
 
 
 @dataclass
@@ -102,7 +107,6 @@ def _conversations(json_paths: list[Path]):
 def tokenizer_corpus(json_paths: list[Path]) -> list[str]:
     """The texts the tokenizer will see: every text segment training builds, and the runtime's
     caption prompts."""
-    from llava_local.caption.job import PROMPTS
     texts = [seg.text for t, msgs in _conversations(json_paths) for seg in t.segments(msgs) if not seg.is_image]
     return texts + list(PROMPTS.values())
 
@@ -210,7 +214,7 @@ def build(out: Path, work: Path, samples: Path | None, cfg: DemoConfig) -> dict:
     train(Stage2Config(data=str(split.instruct), out=str(work / "stage2"), model=str(work / "stage1"),
                        epochs=cfg.stage2_epochs, lr=cfg.stage2_lr, **common))
     lap("stage2")
-    manifest = package(work / "stage2", out, work, cfg.qtype, {"seed": cfg.seed, "n_images": cfg.n_eval})
+    package(work / "stage2", out, work, cfg.qtype, {"seed": cfg.seed, "n_images": cfg.n_eval})
     if samples is not None:
         write_samples(samples, cfg.seed)
     lap("package")
@@ -232,7 +236,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a DemoConfig field, e.g. --set stage2_epochs=1 --set clip.steps=100")
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(True, fmt=LOG_FORMAT, datefmt=LOG_DATEFMT)
     cfg = DemoConfig()
     for item in a.set:
         key, _, value = item.partition("=")

@@ -35,6 +35,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import TrainConfigError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_VOCAB = 49152        # tokens in SmolLM2's tokenizer: the LLM's vocabulary size
@@ -212,7 +214,7 @@ def random_checkpoint(spec: PairSpec, pool: ThreadPoolExecutor | None = None):
     from .tiny_models import smollm2_tokenizer_dir
     s, c = spec.llm, spec.clip
     if c.proj_out != s.n_embd:
-        raise ValueError(f"projector width {c.proj_out} != LLM width {s.n_embd}")
+        raise TrainConfigError(f"projector width {c.proj_out} != LLM width {s.n_embd}")
     vstore = RandomTensorStore(_clip_tensors(c), c.init_std, c.seed, pool)
     store = _WithProjector(RandomTensorStore(_llm_tensors(s), s.init_std, s.seed, pool), vstore)
     vision = VisionSpec(hidden_size=c.hidden, intermediate_size=c.n_ff, num_layers=c.n_layer, num_heads=c.n_head,
@@ -294,8 +296,8 @@ def build_pair(out_dir: str | os.PathLike, spec: PairSpec = LLAVA15_7B_WIDE, *, 
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock on `path` (POSIX): two builds into one directory would write the same
-    `.part` files."""
+    """An exclusive lock on `path` (POSIX): two builds into one directory would both write the same
+    GGUFs (gigabytes each), one replacing the other's file."""
     try:
         import fcntl
     except ImportError:          # no fcntl (Windows): unlocked

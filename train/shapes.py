@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from llava_local.scoring import exact_match, normalize_answer  # noqa: F401  (the scorer of eval_records)
+from llava_local.fileio import atomic_write
 
 RENDER_SIZE = 224          # pixels of the stored PNG; the demo CLIP sees it resized to 112
 SHAPES = ("circle", "square", "triangle", "star")
@@ -291,9 +291,7 @@ def _llava_record(rid: str, image: str | None, qas: list[QA], rng: random.Random
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=0))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=0).encode("utf-8"))   # indent 0: one item a line, small files
 
 
 def eval_records(n_images: int, seed: int = 0) -> list[dict]:

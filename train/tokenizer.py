@@ -12,9 +12,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-from .errors import TrainConfigError
+from llava_local.fileio import atomic_path
+
+from .errors import TrainConfigError, TrainFilesError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
@@ -29,10 +31,6 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids with no BOS/EOS: the `tokenize` that templates.tokenize_segments expects."""
         return self.hf(text, add_special_tokens=False)["input_ids"]
-
-    @property
-    def encode_fn(self) -> Callable[[str], list[int]]:
-        return self.encode
 
 
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
@@ -59,7 +57,7 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
             shutil.copy(src / name, dst / name)
             found = True
     if not found:
-        raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        raise TrainFilesError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
 def tokenizer_from_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -69,19 +67,17 @@ def tokenizer_from_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike
     if (out / "tokenizer.json").is_file():
         return out
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: GGUF not found")
+        raise TrainFilesError(f"{gguf_path}: GGUF not found")
     return _save_atomic(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), out)
 
 
 def _save_atomic(hf, out: Path) -> Path:
     """Save a transformers tokenizer as the dir `out`, replacing it whole (no half-written dir)."""
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp))
-    (tmp / "chat_template.jinja").unlink(missing_ok=True)   # the LLaVA template is written by the converter
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        hf.save_pretrained(str(tmp))
+        (tmp / "chat_template.jinja").unlink(missing_ok=True)   # the LLaVA template is written by the converter
+        shutil.rmtree(out, ignore_errors=True)                  # a rename cannot replace a non-empty dir
     return out
 
 

@@ -1,2 +1,4 @@
-"""Offline batch captioning: inputs, the crash-safe journal, the job, and the worker process with
-the supervisor that keeps a job alive around it. `llava-local caption` (cli/caption.py) is a thin layer."""
+"""Offline batch captioning: inputs.py (what to caption), journal.py (the crash-safe output JSONL),
+job.py (fingerprint, resume, run_job), export.py (sidecars, CSV), worker.py (the engine in its own
+process) and supervisor.py (which keeps a job alive around it). `llava-local caption`
+(cli/caption.py) is a thin layer."""

@@ -1,4 +1,4 @@
-"""`llava-local caption`: offline batch captioning (the library is caption.py; this parses and prints).
+"""`llava-local caption`: offline batch captioning (the library is llava_local/caption/; this parses and prints).
 
 Progress (images/s, ETA, failures) and the summary go to stderr; the captions go to the JSONL.
 """
@@ -9,11 +9,16 @@ from pathlib import Path
 
 import click
 
-from llava_local.caption.job import PROMPTS, CaptionJob, discover_inputs, parse_shard, run_job
-from llava_local.caption.worker import STALL_TIMEOUT_S, WorkerConfig
-from llava_local.cli.errors import domain_errors, setup_logging
-from llava_local.cli.options import model_options, pair_from, sampling_from, sampling_options, status
+from llava_local.caption.inputs import discover_inputs, parse_shard
+from llava_local.caption.job import CaptionJob, run_job
+from llava_local.caption.supervisor import STALL_TIMEOUT_S
+from llava_local.caption.worker import WorkerConfig
+from llava_local.cli.errors import domain_errors
+from llava_local.cli.options import (engine_options, model_options, pair_from, sampling_from, sampling_options,
+                                     status)
 from llava_local.errors import LlavaLocalError
+from llava_local.logs import setup_logging
+from llava_local.prompts.presets import PROMPTS
 
 EXIT_CAP = 100               # exit status = failed images, capped (exit statuses stop at 255)
 EXIT_INTERRUPTED = 130       # Ctrl-C, like a shell
@@ -106,12 +111,10 @@ def _caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, 
         raise LlavaLocalError(f"no images found in {', '.join(inputs)}")
     worker = WorkerConfig(llm_path=str(pair.llm_path), mmproj_path=str(pair.mmproj_path), prompt=prompt,
                           system=kw["system"], sampling=sampling, max_tokens=kw["max_tokens"], parallel=parallel,
-                          io_threads=io_threads, vision_backend=kw["vision_backend"],
-                          vision_device=kw["vision_device"], n_ctx=kw["ctx"], gpu_layers=kw["gpu_layers"],
-                          threads=kw["threads"], template=kw["template"], verbose=kw["verbose"])
+                          io_threads=io_threads, engine=engine_options(kw))
     job = CaptionJob(items, Path(output), worker, retry_failed=retry_failed, overwrite=overwrite, shard=shard_spec,
                      csv_path=Path(csv_path) if csv_path else None, sidecar_ext=sidecar_ext if sidecar else None,
-                     stall_timeout=stall_timeout)
+                     stall_timeout=stall_timeout, pair=pair)
     progress = _Progress()
     try:
         summary = run_job(job, on_plan=progress.plan, on_ready=progress.ready, on_record=progress.record)

@@ -1,22 +1,12 @@
-"""What every command shares at its edges: library errors become one `Error: ...` line (exit 1,
-the traceback only with `llava-local --debug`), and logging goes to stderr, set up once here."""
+"""Library errors at the command line: one `Error: ...` line and exit status 1; the traceback only
+with `llava-local --debug`. Every command wraps its work in `domain_errors`."""
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 
 import click
 
 from llava_local.errors import LlavaLocalError
-
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
-
-
-def setup_logging(verbose: bool, *, fmt: str = LOG_FORMAT, datefmt: str | None = None) -> None:
-    """INFO with --verbose, else WARNING, to stderr (stdout carries results)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format=fmt,
-                        datefmt=datefmt)
 
 
 def domain_errors(fn):

@@ -1,5 +1,6 @@
 """`llava-local eval` (score a model) and `llava-local datagen` (instruction data from a local
-teacher): thin commands over llava_local/eval/evaluate.py and train/datagen.py."""
+teacher): thin commands over llava_local/eval/ and train/datagen.py. They build what eval/ must
+not import itself: the shapes held-out data (`shapes_data`, from train/shapes.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import click
 
 from llava_local.cli.errors import domain_errors
-from llava_local.cli.options import model_options, pair_from, status
+from llava_local.cli.options import engine_from, model_options, pair_from, status
+from llava_local.logs import setup_logging
 from llava_local.runtime.sampling import SamplingParams
 
 
@@ -49,66 +51,84 @@ def eval_cmd(questions, image_root, n_shapes, shapes_seed, judge, judge_threads,
                           temp, seed, max_tokens, limit, report, as_json, kw)
 
 
+def shapes_data(**fields):
+    """train/shapes.py's held-out split for llava_local/eval (which never imports train/); `fields`
+    override ShapesData's (cli/quantize.py adds the demo model's split)."""
+    from train.shapes import EVAL_KINDS, eval_records, write_eval_images
+
+    from llava_local.eval.shapes import ShapesData
+    return ShapesData(eval_records, write_eval_images, EVAL_KINDS, **fields)
+
+
 def _eval(questions, image_root, n_shapes, shapes_seed, judge, judge_threads, judge_max_tokens, temp, seed,
           max_tokens, limit, report, as_json, kw):
     from tqdm import tqdm
 
-    from llava_local.eval import evaluate as ev
-    from llava_local.cli.options import engine_from
     from llava_local.errors import LlavaLocalError
+    from llava_local.eval.evaluate import evaluate
+    from llava_local.eval.judge import Judge
+    from llava_local.eval.questions import check_questions, load_questions
+    from llava_local.eval.report import markdown_report
+    from llava_local.eval.shapes import ANSWER_TOKENS, evaluate_shapes
 
+    setup_logging(kw["verbose"])
     if (questions is None) == (n_shapes is None):
         raise click.UsageError("give either --questions FILE or --shapes N")
     if n_shapes is not None and judge:
         raise click.UsageError("--judge needs --questions with a context per item")
     if questions is not None:      # the questions file is checked before any model loads
-        qs = ev.load_questions(questions)[:limit]
+        qs = load_questions(questions)[:limit]
         root = Path(image_root) if image_root else Path(questions).resolve().parent
-        ev.check_questions(qs, root, judged=bool(judge))
+        check_questions(qs, root, judged=bool(judge))
     pair = pair_from(kw)
     meta = {"model": pair.llm_path.name, "mmproj": pair.mmproj_path.name}
+    sampling = SamplingParams(temperature=temp, seed=seed).validate()
     with tempfile.TemporaryDirectory() as tmp:
         if n_shapes is not None:
-            held_out = (pair.manifest or {}).get("shapes_eval", {})
-            s = held_out.get("seed", 0) if shapes_seed is None else shapes_seed
-            if held_out and n_shapes > held_out.get("n_images", n_shapes):
-                status(f"warning: only the first {held_out['n_images']} evaluation images are held out of training")
-            qs = ev.shapes_questions(n_shapes, s, Path(tmp))[:limit]
-            root = None
-            meta |= {"set": f"shapes held-out, {n_shapes} images, seed {s}"}
-            max_tokens = max_tokens or 16
+            data = shapes_data()
+            split = data.split(pair.manifest, n_images=n_shapes, seed=shapes_seed)
+            if split.warning():
+                status(f"warning: {split.warning()}")
+            shapes = data.held_out(split, Path(tmp), limit=limit)
+            meta |= {"set": f"shapes held-out, {n_shapes} images, seed {split.seed}"}
+            max_tokens = max_tokens or ANSWER_TOKENS
         else:
             meta |= {"set": str(questions)}
             max_tokens = max_tokens or (256 if judge else 64)
         judge_gen = None
         if judge:
-            from llava_local.runtime.text_generation import TextGenerator
-            judge_gen = TextGenerator(judge, threads=judge_threads or kw["threads"], verbose=kw["verbose"])
+            judge_gen = Judge.load(judge, threads=judge_threads or kw["threads"], verbose=kw["verbose"],
+                                   max_tokens=judge_max_tokens)
             meta |= {"judge": Path(judge).name}
         engine = engine_from(kw, pair, workload="batch")
         meta |= {"vision_backend": engine.vision.name}
-        bar = tqdm(total=len(qs), desc="eval", unit="q", file=sys.stderr, disable=None)
+        bar = tqdm(total=len(shapes.questions if n_shapes is not None else qs), desc="eval", unit="q",
+                   file=sys.stderr, disable=None)
         try:
-            res = ev.evaluate(engine, qs, image_root=root, max_tokens=max_tokens,
-                              sampling=SamplingParams(temperature=temp, seed=seed).validate(), judge=judge_gen,
-                              judge_max_tokens=judge_max_tokens, on_item=lambda _it: bar.update(1))
+            if n_shapes is not None:      # bench/eval_shapes.py's figure: "reasoning" is reported apart
+                res = evaluate_shapes(engine, shapes, max_tokens=max_tokens, sampling=sampling,
+                                      on_item=lambda _it: bar.update(1))
+            else:
+                res = evaluate(engine, qs, image_root=root, max_tokens=max_tokens, sampling=sampling,
+                               judge=judge_gen, on_item=lambda _it: bar.update(1))
         finally:
             bar.close()
             engine.close()
             if judge_gen:
                 judge_gen.close()
     res.meta = meta
-    if n_shapes is not None:
-        from train.shapes import EVAL_KINDS
-        res.headline_kinds = EVAL_KINDS      # bench/eval_shapes.py reports "reasoning" apart
     if report:
         try:
-            Path(report).write_text(ev.markdown_report(res), encoding="utf-8")
+            Path(report).write_text(markdown_report(res), encoding="utf-8")
         except OSError as exc:
             raise LlavaLocalError(f"{report}: cannot write the report ({exc})") from None
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=1, ensure_ascii=False))
         return
+    _print_summary(res, meta, judged=bool(judge))
+
+
+def _print_summary(res, meta: dict, *, judged: bool) -> None:
     click.echo(f"model {meta['model']} + {meta['mmproj']} on {meta['set']}")
     acc = res.accuracy()
     if acc is not None:
@@ -119,7 +139,7 @@ def _eval(questions, image_root, n_shapes, shapes_seed, judge, judge_threads, ju
         else:
             click.echo(f"accuracy: {acc:.1%} on {sum(it.correct is not None for it in res.items)} questions")
     rel = res.relative_score()
-    if judge:
+    if judged:
         click.echo(f"relative score: {'n/a' if rel is None else format(rel, '.1f')} "
                    f"({len(res.items) - len(res.unscored())} scored, {len(res.unscored())} unscored)")
     for cat, d in res.per_category().items():
@@ -186,6 +206,7 @@ def _datagen(annotations, images_dir, teacher, kinds, per_image, out, max_tokens
 
     from llava_local.runtime.text_generation import TextGenerator
 
+    setup_logging(verbose)
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     bad = [k for k in kind_list if k not in KINDS]
     if bad or not kind_list:

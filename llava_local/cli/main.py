@@ -13,7 +13,8 @@ import sys
 import click
 
 from llava_local.cli.chat import chat
-from llava_local.cli.errors import domain_errors, setup_logging
+from llava_local.cli.errors import domain_errors
+from llava_local.logs import setup_logging
 from llava_local.cli.options import model_options, sampling_options
 
 

@@ -1,5 +1,5 @@
 """Options shared by the commands that load a model (chat, run, caption): one definition each,
-with env vars, and one function that turns them into an Engine."""
+with env vars, and the functions that turn them into EngineOptions and an Engine."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from llava_local.runtime.options import EngineOptions
 from llava_local.runtime.sampling import SamplingParams
 
 
@@ -80,11 +81,16 @@ def pair_from(kw: dict):
     return find_model(kw["model"], kw["mmproj"], hf_repo=kw["hf_repo"], hf_quant=kw["hf_quant"])
 
 
+def engine_options(kw: dict, **overrides) -> EngineOptions:
+    """The model options' flags as EngineOptions (flag names: --ctx is n_ctx, -ngl is gpu_layers)."""
+    return EngineOptions(n_ctx=kw["ctx"], gpu_layers=kw["gpu_layers"], vision_backend=kw["vision_backend"],
+                         vision_device=kw["vision_device"], threads=kw["threads"], template=kw["template"],
+                         verbose=kw["verbose"], **overrides)
+
+
 def engine_from(kw: dict, pair, *, workload: str = "session"):
     from llava_local.runtime.engine import Engine
-    return Engine(pair, vision_backend=kw["vision_backend"], n_ctx=kw["ctx"], n_gpu_layers=kw["gpu_layers"],
-                  vision_device=kw["vision_device"], threads=kw["threads"], template=kw["template"],
-                  workload=workload, verbose=kw["verbose"])
+    return Engine(pair, engine_options(kw, workload=workload))
 
 
 def status(msg: str) -> None:

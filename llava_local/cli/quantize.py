@@ -1,5 +1,6 @@
 """`llava-local quantize` and `llava-local eval-quant`: quantize a GGUF, and measure what each
-quantization of the LLM costs. The work is in convert/quantize.py and llava_local/eval/quant_eval.py."""
+quantization of the LLM costs. The work is in convert/quantize.py and llava_local/eval/quant_eval.py;
+eval-quant hands eval/ the quantizer and the shapes data (eval/ imports neither convert/ nor train/)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from llava_local.cli.errors import domain_errors, setup_logging
+from llava_local.cli.errors import domain_errors
+from llava_local.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,23 @@ def quantize(src, dst, qtype, threads, verbose):
     out = quantize_file(src, dst, qtype, threads=threads)
     click.echo(f"{out.stat().st_size / 1e6:.1f} MB", err=True)
     click.echo(str(out))
+
+
+def _quantizer():
+    """convert/quantize.py for eval-quant (llava_local/eval never imports convert/)."""
+    from convert.quantize import QTYPES, quantize as quantize_llm
+
+    from llava_local.eval.quant_eval import Quantizer
+    return Quantizer(tuple(QTYPES), quantize_llm)
+
+
+def _shapes_data():
+    """The shapes held-out data, and the demo model's split: a `convert` of the demo checkpoint
+    has a manifest named like the demo's but without "shapes_eval"."""
+    from train.demo_model import NAME, DemoConfig
+
+    from llava_local.cli.eval import shapes_data
+    return shapes_data(trained_on={NAME: {"seed": DemoConfig.seed, "n_images": DemoConfig.n_eval}})
 
 
 def _types(_ctx, _param, value: str) -> tuple[str, ...]:
@@ -98,7 +117,8 @@ def eval_quant(model_dir, types, prompts, shapes, gen_tokens, answer_tokens, tim
     setup_logging(verbose)
     from tqdm import tqdm
 
-    from llava_local.eval.quant_eval import QuantEvalConfig, evaluate_quants, markdown_table, plot_report
+    from llava_local.eval.quant_eval import QuantEvalConfig, evaluate_quants
+    from llava_local.eval.quant_report import markdown_table, plot_report
 
     cfg = QuantEvalConfig(types=types, prompts=prompts, answer_tokens=answer_tokens, gen_tokens=gen_tokens,
                           timing_runs=timing_runs, shapes=shapes, vision_backend=vision_backend, threads=threads,
@@ -111,7 +131,7 @@ def eval_quant(model_dir, types, prompts, shapes, gen_tokens, answer_tokens, tim
         bar.update(done - bar.n)
 
     try:
-        report = evaluate_quants(model_dir, cfg, progress=progress)
+        report = evaluate_quants(model_dir, cfg, quantizer=_quantizer(), shapes=_shapes_data(), progress=progress)
     finally:
         bar.close()
     command = shlex.join(["llava-local", *sys.argv[1:]]) if Path(sys.argv[0]).name == "llava-local" else None

@@ -1,2 +1,4 @@
-"""Evaluation on the engine: question sets and scoring (evaluate.py), the judge, reports, and the
-quantization report (quant_eval.py). The cases are handed in: this package never imports train/."""
+"""Evaluation on the engine: question files and multiple choice (questions.py), scoring runs
+(evaluate.py), the LLaVA-Bench judge (judge.py), the Markdown report (report.py), the shapes
+held-out evaluation (shapes.py) and the quantization report (quant_eval.py, quant_report.py).
+What comes from train/ or convert/ is handed in by the command line: this package imports neither."""

@@ -2,24 +2,27 @@
 agreement with the unquantized (source) LLM over teacher-forced answers, and, for the shapes demo
 model, exact-match accuracy on its held-out questions.
 
-    from llava_local.eval.quant_eval import QuantEvalConfig, evaluate_quants, markdown_table, plot_report
-    report = evaluate_quants("out/", QuantEvalConfig(types=("Q4_K_M", "Q8_0")))
-    print(markdown_table(report)); plot_report(report, "quant.png")
+    from convert.quantize import QTYPES, quantize
+    from llava_local.cli.eval import shapes_data
+    report = evaluate_quants("out/", QuantEvalConfig(types=("Q4_K_M", "Q8_0")),
+                             quantizer=Quantizer(tuple(QTYPES), quantize), shapes=shapes_data())
+    print(markdown_table(report)); plot_report(report, "quant.png")      # eval/quant_report.py
 
-CLI: `llava-local eval-quant out/ --report quant.md --plot quant.png`.
+CLI: `llava-local eval-quant out/ --report quant.md --plot quant.png` (cli/quantize.py hands in the
+quantizer and the shapes data: this package never imports convert/ or train/).
 
-Method. MODEL_DIR holds an F32/F16/BF16 LLM + mmproj (+ manifest), e.g. a `convert` output. Every
-image is encoded once, by the source mmproj (default vision backend `torch`, the exact one), and the
-same embeddings feed every LLM: only the LLM's quantization varies. The source LLM is measured
-first and is the reference: at each teacher-forced answer position, a quantized LLM "agrees" when
-its arg-max token equals the source's. Answers are the shapes held-out answers for the demo model
-(train/shapes.py), otherwise the source LLM's own greedy answers to fixed questions about rendered
-shapes scenes. Prompts use the training layout (templates.py): user turn with the image, then the
-answer and end-of-turn token as targets.
+Method. MODEL_DIR holds an F32/F16/BF16 LLM + mmproj (+ manifest), e.g. a `convert` output. For the
+agreement, every image is encoded once, by the source mmproj (default vision backend `torch`, the
+exact one), and the same embeddings feed every LLM: only the LLM's quantization varies. The source
+LLM is measured first and is the reference: at each teacher-forced answer position, a quantized LLM
+"agrees" when its arg-max token equals the source's. Answers are the shapes held-out answers for the
+demo model (train/shapes.py), otherwise the source LLM's own greedy answers to fixed questions about
+rendered shapes scenes. Prompts are the engine's (prompts/turns.py); the targets are the answer and
+the end-of-turn token as the template renders them after the prompt. The shapes accuracy is
+eval/shapes.py's evaluation, run on an engine with each LLM.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -29,34 +32,43 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import gguf
 import numpy as np
 
-from llava_local.errors import ConversionError, ModelFilesError
+from llava_local.errors import ConversionError, LlavaLocalError, ModelFilesError
+from llava_local.eval.quant_report import QuantReport, QuantRow
+from llava_local.eval.shapes import ANSWER_TOKENS, GREEDY, ShapesData, ShapesSet, ShapesSplit, evaluate_shapes
+from llava_local.prompts.templates import Message
+from llava_local.prompts.turns import user_content
+from llava_local.runtime.engine import Engine
+from llava_local.runtime.generate import Decode
 from llava_local.runtime.llm import LlamaLLM
 from llava_local.runtime.model_pair import ModelPair, resolve_pair
-from llava_local.prompts.templates import IMAGE_MARKER, Message, tokenize_segments
-
-from convert.quantize import QTYPES, quantize
+from llava_local.runtime.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TYPES = tuple(QTYPES)              # Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16
 FT = gguf.LlamaFileType
 SOURCE_FTYPES = {FT.ALL_F32: "F32", FT.MOSTLY_F16: "F16", FT.MOSTLY_BF16: "BF16"}   # unquantized general.file_type
 # Questions for models other than the shapes demo; the images are rendered shapes scenes (nothing downloaded)
 GENERIC_QUESTIONS = ("Describe the image.", "What colours do you see?", "How many objects are there?",
                      "What is in the top left corner?")
-SHAPES_ANSWER_TOKENS = 16                  # bench/eval_shapes.py's limit: answers are a few words
 
 Progress = Callable[[str, int, int], None]  # (stage, units done, units in all)
 
 
+@dataclass(frozen=True)
+class Quantizer:
+    """convert/quantize.py, handed in by the caller (cli/quantize.py)."""
+    types: tuple[str, ...]                  # the LLM types it writes (QTYPES)
+    quantize: Callable[..., Path]           # quantize(src, dst, qtype, threads=N) -> dst
+
+
 @dataclass
 class QuantEvalConfig:
-    types: tuple[str, ...] = DEFAULT_TYPES
+    types: tuple[str, ...] | None = None   # None: every type the quantizer writes
     prompts: int | None = None     # teacher-forced answers; None: 100 held-out questions (shapes demo) or 16 generated
     answer_tokens: int = 32        # longest generated reference answer (models other than the shapes demo)
     gen_tokens: int = 64           # the timed greedy generation; end-of-turn ignored, so every type decodes as many
@@ -72,40 +84,10 @@ class QuantEvalConfig:
 
 @dataclass
 class Case:
-    items: list                    # prompt: token-id lists and image slots (-1 - index), as tokenize_segments makes
+    items: list                    # prompt: token-id lists and image slots (-1 - index), as Engine.prompt_items makes
     image: int                     # row of the embeddings table
     target: list[int] = field(default_factory=list)   # teacher-forced answer tokens (answer + end of turn)
-    answer: str = ""               # expected answer text (shapes accuracy)
-
-
-@dataclass
-class QuantRow:
-    qtype: str
-    is_source: bool
-    size_bytes: int
-    bits_per_weight: float         # tensor data bits / weights (metadata such as the vocabulary excluded)
-    load_s: float
-    decode_tok_s: float
-    agreement: float               # top-1 agreement with the source over teacher-forced tokens
-    accuracy: float | None         # shapes exact match, None when not measured
-
-
-@dataclass
-class QuantReport:
-    model: str                     # model directory
-    llm: str                       # source LLM file name
-    mmproj: str
-    source_type: str               # F32 / F16 / BF16
-    vision_backend: str
-    n_answers: int
-    n_tokens: int                  # teacher-forced positions compared
-    answers_from: str              # "held-out shapes answers" | "greedy answers of the source LLM"
-    n_shapes: int                  # shapes questions scored (0: not a shapes model, or skipped)
-    gen_tokens: int
-    timing_runs: int
-    threads: int
-    repack: bool                   # llama.cpp CPU weight repacking allowed
-    rows: list[QuantRow]
+    answer: str = ""               # expected answer text
 
 
 # --- inputs ---
@@ -122,109 +104,53 @@ def source_type(pair: ModelPair) -> str:
     return SOURCE_FTYPES[int(ftype)]
 
 
-def shapes_held_out(pair: ModelPair) -> dict | None:
-    """{"seed", "n_images"} of the held-out shapes split when the pair is the shapes demo model (or a
-    conversion of its checkpoint), else None."""
-    from train.demo_model import NAME, DemoConfig
-    m = pair.manifest or {}
-    if "shapes_eval" in m:
-        return dict(m["shapes_eval"])
-    if m.get("name") == NAME:
-        return {"seed": DemoConfig.seed, "n_images": DemoConfig.n_eval}
-    return None
+def _question(question: str) -> list[Message]:
+    return [Message("user", user_content(question, n_images=1))]
 
 
-def _tokenized(engine, question: str, answer: str | None) -> tuple[list, list[int]]:
-    """Prompt items (and target ids) of one image + question turn, in the training layout."""
-    msgs = [Message("user", IMAGE_MARKER + "\n" + question)]
-    if answer is None:
-        return engine.prompt_items(msgs), []
-    segs = engine.template.segments(msgs + [Message("assistant", answer)])
-    assert segs[-1].target, "the template must end with the answer"
-    conv = tokenize_segments(segs, engine.llm.tokenize, engine.llm.bos, engine.llm.eos)
-    return conv.items[:-1], conv.items[-1]
+def teacher_forced_case(engine: Engine, question: str, answer: str, image: int) -> Case:
+    """One image + question turn, and as targets the ids the template renders after its prompt when
+    `answer` is the reply: the answer and the end-of-turn token (what follows that is not scored)."""
+    msgs = _question(question)
+    prompt = engine.prompt.render(msgs)
+    closed = engine.prompt.render(msgs + [Message("assistant", answer)], add_generation_prompt=False)
+    if not closed.startswith(prompt):
+        raise LlavaLocalError(f"template {engine.prompt.name}: the answered turn does not extend the prompt")
+    target = engine.prompt.tokenize(closed[len(prompt):], at_start=False)
+    end = next((i for i, t in enumerate(target) if engine.llm.is_eog(t)), len(target) - 1)
+    return Case(engine.prompt_items(msgs), image, target[:end + 1], answer)
 
 
-def _shapes_records(n_questions: int, seed: int) -> list[dict]:
-    """The first `n_questions` scored held-out questions (EVAL_KINDS; 4 per image)."""
-    from train.shapes import EVAL_KINDS, eval_records
-    n_images = max(1, math.ceil(n_questions / len(EVAL_KINDS)))
-    while True:   # eval_records is prefix-stable in n_images
-        recs = [r for r in eval_records(n_images, seed) if r["kind"] in EVAL_KINDS]
-        if len(recs) >= n_questions:
-            return recs[:n_questions]
-        n_images += 1
+def _prefill(engine: Engine, case: Case, embeds: np.ndarray) -> None:
+    """The case's prompt on a fresh cache."""
+    engine.llm.reset()
+    engine.prefill(case.items, embeds[case.image:case.image + 1])
 
 
-def _render(scene: dict):
-    from train.shapes import render, scene_from_dict
-    return render(scene_from_dict(scene))
-
-
-# --- llama.cpp steps ---
-
-@contextlib.contextmanager
-def weight_repacking(enabled: bool | None):
-    """Load models with (True) or without (False) llama.cpp's CPU "extra buffer types"
-    (`use_extra_bufts`, weight repacking) for the duration; None keeps LlamaLLM's own choice (on
-    unless the once-per-CPU probe saw them crash). LlamaLLM reads LLAVA_LOCAL_EXTRA_BUFTS at load."""
-    from llava_local.runtime.extra_bufts_probe import ENV
-    before = os.environ.get(ENV)
-    if enabled is not None:
-        os.environ[ENV] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
-
-
-def prefill(llm: LlamaLLM, items: list, embeds: np.ndarray) -> int:
-    """Evaluate prompt items on a fresh cache (image slot -1 - i takes embeds[i]); returns positions."""
-    llm.reset()
-    for it in items:
-        if isinstance(it, list):
-            if it:
-                llm.eval_tokens(it)
-        else:
-            llm.eval_embeddings(embeds[-1 - it])
-    return llm.n_past
-
-
-def greedy(llm: LlamaLLM, max_tokens: int, *, stop: bool = True) -> tuple[list[int], bool]:
-    """Greedy decoding after a prefill; returns (tokens, stopped at end of turn). The end-of-turn
-    token is included; with stop=False decoding goes on past it (fixed-length timing)."""
-    out: list[int] = []
-    for _ in range(max_tokens):
-        tok = int(np.argmax(llm.last_logits()))
-        out.append(tok)
-        if stop and llm.is_eog(tok):
-            return out, True
-        llm.eval_tokens([tok])
-    return out, False
-
-
-def teacher_forced_top1(llm: LlamaLLM, case: Case, embeds: np.ndarray) -> np.ndarray:
+def teacher_forced_top1(engine: Engine, case: Case, embeds: np.ndarray) -> np.ndarray:
     """Arg-max token at each answer position, with the true answer fed in (teacher forcing)."""
-    prefill(llm, case.items, embeds[case.image:case.image + 1])
+    llm = engine.llm
+    _prefill(engine, case, embeds)
     first = int(np.argmax(llm.last_logits()))
     if len(case.target) == 1:
         return np.array([first])
     llm.all_logits = True         # keep logits of the answer positions only, not of the image
     try:
         llm.eval_tokens(case.target[:-1])
-        rest = llm.all_position_logits().argmax(-1)   # since prefill's reset: the answer positions only
+        rest = llm.all_position_logits().argmax(-1)   # since the prefill's reset: the answer positions only
     finally:
         llm.all_logits = False
     return np.concatenate([[first], rest])
 
 
-def shapes_answer(llm: LlamaLLM, case: Case, embeds: np.ndarray) -> str:
-    prefill(llm, case.items, embeds[case.image:case.image + 1])
-    toks, stopped = greedy(llm, SHAPES_ANSWER_TOKENS)
-    return llm.detokenize(toks[:-1] if stopped else toks).strip()
+def greedy_answer(engine: Engine, case: Case, embeds: np.ndarray, max_tokens: int) -> list[int]:
+    """The LLM's own greedy answer, with the end-of-turn token it chose when it stopped."""
+    _prefill(engine, case, embeds)
+    dec = Decode(engine.llm, Sampler(GREEDY), max_tokens)
+    tokens = dec.run()
+    if dec.finish_reason == "stop":   # the loop stops before evaluating it: it is the arg-max of the last logits
+        tokens.append(int(np.argmax(engine.llm.last_logits())))
+    return tokens
 
 
 # --- the evaluation ---
@@ -233,55 +159,54 @@ def shapes_answer(llm: LlamaLLM, case: Case, embeds: np.ndarray) -> str:
 class _Inputs:
     embeds: np.ndarray             # (n_images, n_tokens, n_embd), from the source mmproj
     agree: list[Case]
-    shapes: list[Case]
+    shapes: ShapesSet | None       # held-out questions for the accuracy column
     answers_from: str
     n_ctx: int
 
 
-def _prepare(pair: ModelPair, cfg: QuantEvalConfig, held_out: dict | None, tick: Callable[[str], None]) -> _Inputs:
-    from llava_local.runtime.engine import Engine
-    gen_room = max(cfg.gen_tokens, cfg.answer_tokens, SHAPES_ANSWER_TOKENS)
+def _engine(pair: ModelPair, cfg: QuantEvalConfig, n_ctx: int, **fields) -> Engine:
+    return Engine(pair, vision_backend=cfg.vision_backend, n_ctx=n_ctx, threads=cfg.threads,
+                  extra_bufts=cfg.repack, **fields)
+
+
+def _prepare(pair: ModelPair, cfg: QuantEvalConfig, shapes: ShapesData, split: ShapesSplit, image_dir: Path,
+             tick: Callable[[str], None]) -> tuple[_Inputs, bool]:
+    """Cases, image embeddings and reference answers, on the source LLM; also whether llama.cpp
+    repacked its weights."""
+    gen_room = max(cfg.gen_tokens, cfg.answer_tokens, ANSWER_TOKENS)
     n_ctx = min(pair.n_ctx_train or 4096, pair.image_tokens + 256 + gen_room)
-    engine = Engine(pair, vision_backend=cfg.vision_backend, n_ctx=n_ctx, threads=cfg.threads)
+    engine = _engine(pair, cfg, n_ctx)
     try:
-        images, agree, shapes = [], [], []
-        if held_out is not None:
+        held_out = None
+        if split.from_model:
             n_prompts = 100 if cfg.prompts is None else cfg.prompts
-            recs = _shapes_records(max(n_prompts, cfg.shapes), int(held_out.get("seed", 0)))
-            index: dict[str, int] = {}
-            for r in recs:
-                if r["image"] not in index:
-                    index[r["image"]] = len(images)
-                    images.append(_render(r["scene"]))
-            if len(images) > held_out.get("n_images", len(images)):
+            questions = shapes.scored(max(n_prompts, cfg.shapes), split.seed, image_dir)
+            index = {path: i for i, path in enumerate(dict.fromkeys(q.image for q in questions.questions))}
+            images = list(index)
+            if split.warning(len(images)):
                 log.warning("%d evaluation images, but only the first %d are held out of training",
-                            len(images), held_out["n_images"])
-            for i, r in enumerate(recs):
-                if i < n_prompts:
-                    items, target = _tokenized(engine, r["question"], r["answer"])
-                    agree.append(Case(items, index[r["image"]], target, r["answer"]))
-                if i < cfg.shapes:
-                    shapes.append(Case(_tokenized(engine, r["question"], None)[0], index[r["image"]], [], r["answer"]))
+                            len(images), split.held_out)
+            agree = [teacher_forced_case(engine, q.question, q.answer, index[q.image])
+                     for q in questions.questions[:n_prompts]]
+            if cfg.shapes:
+                held_out = dataclasses.replace(questions, questions=questions.questions[:cfg.shapes])
             answers_from = "held-out shapes answers"
         else:
             n_prompts = 16 if cfg.prompts is None else cfg.prompts
-            from train.shapes import eval_records
-            scenes = {r["image"]: r["scene"] for r in eval_records(n_prompts, 0)}   # n_prompts distinct scenes
-            images = [_render(s) for s in scenes.values()]
-            for i in range(n_prompts):
-                items, _ = _tokenized(engine, GENERIC_QUESTIONS[i % len(GENERIC_QUESTIONS)], None)
-                agree.append(Case(items, i))
+            images = shapes.scenes(n_prompts, 0, image_dir)
+            agree = [Case(engine.prompt_items(_question(GENERIC_QUESTIONS[i % len(GENERIC_QUESTIONS)])), i)
+                     for i in range(n_prompts)]
             answers_from = "greedy answers of the source LLM"
         tick("encoding images")
-        embeds = engine.encode_images(images)
-        if held_out is None:   # reference answers: the source LLM's own greedy answers
+        embeds = engine.encode_images([im.image for im in engine.load_images(images)])
+        if not split.from_model:   # reference answers: the source LLM's own greedy answers
             for c in agree:
-                prefill(engine.llm, c.items, embeds[c.image:c.image + 1])
-                c.target, _ = greedy(engine.llm, cfg.answer_tokens)
+                c.target = greedy_answer(engine, c, embeds, cfg.answer_tokens)
                 tick("reference answers")
+        repacked = engine.llm.extra_bufts
     finally:
         engine.close()
-    return _Inputs(embeds, agree, shapes, answers_from, n_ctx)
+    return _Inputs(embeds, agree, held_out, answers_from, n_ctx), repacked
 
 
 def _bits_per_weight(path: Path) -> float:
@@ -291,61 +216,70 @@ def _bits_per_weight(path: Path) -> float:
     return 8 * sum(t.nbytes for t in tensors) / n
 
 
-def _measure(path: Path, qtype: str, is_source: bool, inp: _Inputs, cfg: QuantEvalConfig,
-             reference: list[np.ndarray] | None, tick: Callable[[str], None]) -> tuple[QuantRow, list[np.ndarray]]:
-    load_s, llm = math.inf, None
+def _load_seconds(path: Path, inp: _Inputs, cfg: QuantEvalConfig) -> float:
+    """The LLM's load (model + context), best of the timing runs; loaded as the engine loads it."""
+    best = math.inf
     for _ in range(max(1, cfg.timing_runs)):
-        if llm is not None:
-            llm.close()
         t0 = time.perf_counter()
-        llm = LlamaLLM(path, n_ctx=inp.n_ctx, n_threads=cfg.threads)
-        load_s = min(load_s, time.perf_counter() - t0)
+        llm = LlamaLLM(path, n_ctx=inp.n_ctx, n_threads=cfg.threads, extra_bufts=cfg.repack)
+        best = min(best, time.perf_counter() - t0)
+        llm.close()
+    return best
+
+
+def _measure(pair: ModelPair, qtype: str, is_source: bool, inp: _Inputs, cfg: QuantEvalConfig,
+             reference: list[np.ndarray] | None, tick: Callable[[str], None]) -> tuple[QuantRow, list[np.ndarray]]:
+    load_s = _load_seconds(pair.llm_path, inp, cfg)
+    engine = _engine(pair, cfg, inp.n_ctx, gpu_layers=0)     # the CPU's figures: as the table says
     try:
         decode_s = math.inf
         for _ in range(max(1, cfg.timing_runs)):
-            prefill(llm, inp.agree[0].items, inp.embeds[inp.agree[0].image:inp.agree[0].image + 1])
+            _prefill(engine, inp.agree[0], inp.embeds)
+            dec = Decode(engine.llm, Sampler(GREEDY), cfg.gen_tokens, ignore_eos=True)
             t0 = time.perf_counter()
-            greedy(llm, cfg.gen_tokens, stop=False)
+            dec.run()
             decode_s = min(decode_s, time.perf_counter() - t0)
         tick(f"{qtype}: load + decode")
         top1 = []
         for c in inp.agree:
-            top1.append(teacher_forced_top1(llm, c, inp.embeds))
+            top1.append(teacher_forced_top1(engine, c, inp.embeds))
             tick(f"{qtype}: agreement")
         ref = reference if reference is not None else top1
         n_tok = sum(len(t) for t in ref)
         agreement = sum(int((a == b).sum()) for a, b in zip(top1, ref)) / max(1, n_tok)
         accuracy = None
-        if inp.shapes:
-            from train.shapes import exact_match
-            hits = 0
-            for c in inp.shapes:
-                hits += exact_match(shapes_answer(llm, c, inp.embeds), c.answer)
-                tick(f"{qtype}: shapes accuracy")
-            accuracy = hits / len(inp.shapes)
+        if inp.shapes is not None:
+            res = evaluate_shapes(engine, inp.shapes, on_item=lambda _it: tick(f"{qtype}: shapes accuracy"))
+            accuracy = res.accuracy()
     finally:
-        llm.close()
-    row = QuantRow(qtype, is_source, path.stat().st_size, _bits_per_weight(path), load_s,
+        engine.close()
+    row = QuantRow(qtype, is_source, pair.llm_path.stat().st_size, _bits_per_weight(pair.llm_path), load_s,
                    cfg.gen_tokens / decode_s, agreement, accuracy)
     return row, top1
 
 
-def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEvalConfig(),
-                    progress: Progress | None = None) -> QuantReport:
-    """Quantize the source LLM of `model_dir` to each of `cfg.types` and measure every one."""
-    types = [t.upper() for t in cfg.types]
-    unknown = [t for t in types if t not in QTYPES]
+def _check_types(types: Sequence[str], quantizer: Quantizer) -> list[str]:
+    types = [t.upper() for t in types]
+    unknown = [t for t in types if t not in quantizer.types]
     if unknown:
-        raise ConversionError(f"quantization type {unknown[0]!r} unknown (choose from {', '.join(QTYPES)})")
+        raise ConversionError(f"quantization type {unknown[0]!r} unknown (choose from {', '.join(quantizer.types)})")
+    return types
+
+
+def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEvalConfig(), *,
+                    quantizer: Quantizer, shapes: ShapesData, progress: Progress | None = None) -> QuantReport:
+    """Quantize the source LLM of `model_dir` to each of `cfg.types` and measure every one."""
+    types = _check_types(quantizer.types if cfg.types is None else cfg.types, quantizer)
     pair = resolve_pair(model_dir)
     src_type = source_type(pair)
-    held_out = shapes_held_out(pair)
-    cfg = dataclasses.replace(cfg, shapes=cfg.shapes if held_out is not None else 0)
+    split = shapes.split(pair.manifest)
+    is_shapes = split.from_model
+    cfg = dataclasses.replace(cfg, shapes=cfg.shapes if is_shapes else 0)
     types = [t for t in dict.fromkeys(types) if t != src_type]   # the source is measured anyway
-    n_prompts = cfg.prompts if cfg.prompts is not None else (100 if held_out is not None else 16)
+    n_prompts = cfg.prompts if cfg.prompts is not None else (100 if is_shapes else 16)
     if n_prompts < 1:
         raise ConversionError("eval-quant needs at least one teacher-forced answer (--prompts >= 1)")
-    total = (1 + (0 if held_out is not None else n_prompts) + len(types)
+    total = (1 + (0 if is_shapes else n_prompts) + len(types)
              + (len(types) + 1) * (1 + n_prompts + cfg.shapes))
     done = 0
 
@@ -358,21 +292,18 @@ def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEv
     keep = cfg.work_dir is not None
     work = Path(cfg.work_dir) if keep else Path(tempfile.mkdtemp(prefix="llava-local-eval-quant-"))
     rows = []
-    repack = cfg.repack
     try:
-        with weight_repacking(cfg.repack):
-            if repack is None:   # what LlamaLLM will do: the probe's verdict
-                from llava_local.runtime.extra_bufts_probe import extra_buffer_types_allowed
-                repack = extra_buffer_types_allowed()
-            inp = _prepare(pair, cfg, held_out, tick)
-            row, reference = _measure(pair.llm_path, f"{src_type} (source)", True, inp, cfg, None, tick)
+        with tempfile.TemporaryDirectory(prefix="llava-local-eval-quant-images-") as image_dir:
+            inp, repacked = _prepare(pair, cfg, shapes, split, Path(image_dir), tick)
+            row, reference = _measure(pair, f"{src_type} (source)", True, inp, cfg, None, tick)
             rows.append(row)
             for qtype in types:
                 stem = pair.llm_path.stem
                 path = work / (f"{stem.replace(src_type, qtype)}.gguf" if src_type in stem else f"{stem}-{qtype}.gguf")
-                quantize(pair.llm_path, path, qtype, threads=cfg.threads or 0)
+                quantizer.quantize(pair.llm_path, path, qtype, threads=cfg.threads or 0)
                 tick(f"{qtype}: quantize")
-                rows.append(_measure(path, qtype, False, inp, cfg, reference, tick)[0])
+                rows.append(_measure(resolve_pair(path, pair.mmproj_path), qtype, False, inp, cfg, reference,
+                                     tick)[0])
                 if not keep:
                     path.unlink()
     finally:
@@ -382,72 +313,4 @@ def evaluate_quants(model_dir: str | os.PathLike, cfg: QuantEvalConfig = QuantEv
                        source_type=src_type, vision_backend=cfg.vision_backend, n_answers=len(inp.agree),
                        n_tokens=sum(len(c.target) for c in inp.agree), answers_from=inp.answers_from,
                        n_shapes=cfg.shapes, gen_tokens=cfg.gen_tokens, timing_runs=max(1, cfg.timing_runs),
-                       threads=cfg.threads or os.cpu_count() or 1, repack=repack, rows=rows)
-
-
-# --- output ---
-
-def markdown_table(report: QuantReport, *, command: str | None = None) -> str:
-    shapes = report.n_shapes > 0
-    head = ["LLM type", "file (MB)", "bits/weight", "load (s)", "decode (tok/s)", "top-1 agreement"]
-    head += ["shapes accuracy"] if shapes else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for r in report.rows:
-        cells = [r.qtype, f"{r.size_bytes / 1e6:.1f}", f"{r.bits_per_weight:.2f}", f"{r.load_s:.3f}",
-                 f"{r.decode_tok_s:.1f}", "reference" if r.is_source else f"{100 * r.agreement:.1f} %"]
-        if shapes:
-            cells.append(f"{100 * r.accuracy:.1f} %")
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [
-        "",
-        f"Model `{report.model}`: LLM `{report.llm}` quantized by llama.cpp (`llama_model_quantize`); "
-        f"mmproj `{report.mmproj}` unchanged, images encoded once by the `{report.vision_backend}` vision backend.",
-        f"Top-1 agreement: share of {report.n_tokens} teacher-forced answer tokens ({report.n_answers} "
-        f"{report.answers_from}) where the quantized LLM's arg-max equals the {report.source_type} source's.",
-        f"Load (model + context, file in the page cache) and decode: best of {report.timing_runs}; decode = "
-        f"greedy generation of {report.gen_tokens} tokens after an image prompt, {report.threads} CPU "
-        f"thread{'s' if report.threads > 1 else ''}, llama.cpp weight repacking "
-        f"{'on' if report.repack else 'off'}. bits/weight counts tensor data only.",
-    ]
-    if shapes:
-        notes.append(f"Shapes accuracy: exact match on {report.n_shapes} held-out questions (colour, shape, "
-                     "count, position; as bench/eval_shapes.py scores them), greedy.")
-    if command:
-        notes.append(f"Command: `{command}`")
-    return "\n".join(lines + notes) + "\n"
-
-
-def plot_report(report: QuantReport, path: str | os.PathLike) -> Path:
-    """PNG: LLM file size against top-1 agreement (and, below it, shapes accuracy); one marker per
-    type, named in the legend (on a small model the quantized sizes crowd together: the
-    vocabulary's embedding rows dominate and llama.cpp keeps them at higher precision)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = sorted(report.rows, key=lambda r: r.size_bytes)
-    size = [r.size_bytes / 1e6 for r in rows]
-    series = [(f"top-1 agreement with\nthe {report.source_type} source (%)", [100 * r.agreement for r in rows])]
-    if report.n_shapes:
-        series.append((f"shapes accuracy (%),\n{report.n_shapes} held-out questions",
-                       [100 * (r.accuracy or 0.0) for r in rows]))
-    fig, axes = plt.subplots(len(series), 1, figsize=(8, 1.6 + 2.6 * len(series)), dpi=110, sharex=True,
-                             squeeze=False)
-    markers = "os^vD<>p*h"
-    for ax, (label, ys) in zip(axes[:, 0], series):
-        ax.plot(size, ys, "-", color="0.75", zorder=1)
-        for i, (r, x, y) in enumerate(zip(rows, size, ys)):
-            ax.scatter([x], [y], marker=markers[i % len(markers)], s=46, zorder=2, color=f"C{i}",
-                       label=f"{r.qtype}  {r.size_bytes / 1e6:.1f} MB")
-        ax.set_ylabel(label)
-        ax.margins(x=0.06, y=0.2)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_title(f"Quantizations of {report.llm} ({report.n_tokens} teacher-forced answer tokens)",
-                         fontsize=10)
-    axes[0][0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    axes[-1][0].set_xlabel("LLM file size (MB)")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+                       threads=cfg.threads or os.cpu_count() or 1, repack=repacked, rows=rows)

@@ -26,6 +26,7 @@ from typing import BinaryIO
 import gguf
 
 from llava_local.errors import ModelFilesError
+from llava_local.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,6 @@ class GGUFInfo:
     def architecture(self) -> str | None:
         arch = self.metadata.get(gguf.Keys.General.ARCHITECTURE)
         return arch if isinstance(arch, str) else None
-
-
-def looks_like_gguf(path: str | os.PathLike) -> bool:
-    """True when the file starts with the GGUF magic (no other check)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 class _Reader:
@@ -301,7 +293,7 @@ def _read(f: BinaryIO, path: str, file_size: int, limits: dict[str, int]) -> GGU
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    setup_logging(True)
     for p in sys.argv[1:]:
         try:
             gi = read_gguf_info(p)

@@ -22,6 +22,24 @@ def manifest_path(directory: str | os.PathLike, name: str) -> Path:
     return Path(directory) / f"{name}{SUFFIX}"
 
 
+def find_manifests(directory: str | os.PathLike) -> list[Path]:
+    """The manifests in a folder, sorted by name."""
+    return sorted(Path(directory).glob(f"*{SUFFIX}"))
+
+
+def manifest_for(directory: str | os.PathLike, **match: str) -> tuple[Path, dict] | None:
+    """The first readable manifest in `directory` whose fields equal `match` (e.g. mmproj="x.gguf");
+    unreadable manifests are skipped (the one a model was loaded with was validated then)."""
+    for path in find_manifests(directory):
+        try:
+            m = read_manifest(path)
+        except ModelFilesError:
+            continue
+        if all(m.get(k) == v for k, v in match.items()):
+            return path, m
+    return None
+
+
 def write_manifest(path: str | os.PathLike, manifest: dict) -> Path:
     """Write atomically; "format"/"version" are set here, "llm" and "mmproj" must name the pair's files."""
     if not isinstance(manifest.get("llm"), str) or not isinstance(manifest.get("mmproj"), str):

@@ -22,6 +22,7 @@ import struct
 import sys
 
 from llava_local.errors import ModelFilesError
+from llava_local.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def _check_entry(name: str, entry: object, data_size: int, fail) -> TensorLayout
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    setup_logging(True)
     for p in sys.argv[1:]:
         try:
             print(f"{p}: {len(check_safetensors(p))} tensors OK")

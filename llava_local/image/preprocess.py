@@ -113,8 +113,14 @@ def padded_resize(img: Image.Image, background: tuple[int, ...], size: int) -> I
 
 
 def square_image(img: Image.Image, cfg: PreprocessConfig = PreprocessConfig()) -> Image.Image:
-    """The uint8 RGB image the vision tower sees, before normalisation (size x size)."""
+    """The uint8 RGB image the vision tower sees, before normalisation (size x size).
+
+    An image that is already size x size is returned itself: padding a square is a no-op and Pillow's
+    resize to an image's own size is a copy, so the pixels are the same (the caption worker squares
+    its images ahead, in its loader threads)."""
     _check_rgb(img)
+    if img.size == (cfg.image_size, cfg.image_size):
+        return img
     if cfg.pad_to_square:
         return padded_resize(img, cfg.background, cfg.image_size)
     return resize_square(img, cfg.image_size)

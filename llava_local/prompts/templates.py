@@ -156,9 +156,6 @@ class TokenizedConversation:
     items: list[list[int] | int]
     labels: list[list[bool] | int]    # parallel to items: per-token "is a target" flags
 
-    def flat_text_ids(self) -> list[int]:
-        return [t for it in self.items if isinstance(it, list) for t in it]
-
 
 def tokenize_segments(segments: Iterable[Segment], tokenize: Callable[[str], list[int]],
                       bos_id: int | None, eos_id: int) -> TokenizedConversation:

@@ -25,7 +25,6 @@ sequence of admissions the results are deterministic.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections import deque
@@ -34,7 +33,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from llava_local.errors import ContextOverflowError, LlavaLocalError
+from llava_local.errors import LlavaLocalError
+from llava_local.runtime.context_fit import check_fit
+from llava_local.runtime.generate import eog_ids, next_token
 from llava_local.runtime.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -78,31 +79,6 @@ def request_positions(req: SeqRequest) -> int:
     return sum(len(p) for p in req.parts) + req.max_tokens
 
 
-class _Batch:
-    """A `llama_batch` over numpy buffers (filled with vector ops, not a Python loop per field)."""
-
-    def __init__(self, L, n: int, n_embd: int = 0):
-        self.n = n
-        self.pos = np.zeros(n, np.int32)
-        self.seq = np.zeros(n, np.int32)
-        self.n_seq_id = np.ones(n, np.int32)
-        self.logits = np.zeros(n, np.int8)
-        self.token = None if n_embd else np.zeros(n, np.int32)
-        self.embd = np.zeros((n, n_embd), np.float32) if n_embd else None
-        # seq_id is int32** : one pointer per token, each to its own id in self.seq
-        self._seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(n, dtype=np.uint64)).astype(np.uint64)
-        b = L.llama_batch()
-        b.n_tokens = n
-        i32p = ctypes.POINTER(ctypes.c_int32)
-        b.token = self.token.ctypes.data_as(i32p) if self.token is not None else None
-        b.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if self.embd is not None else None
-        b.pos = self.pos.ctypes.data_as(i32p)
-        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
-        b.seq_id = self._seq_ptrs.ctypes.data_as(ctypes.POINTER(i32p))
-        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self.struct = b
-
-
 class BatchDecoder:
     def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, capacity: int | None = None,
                  ignore_eos: bool = False):
@@ -111,36 +87,33 @@ class BatchDecoder:
         max_tokens (llama.cpp's --ignore-eos: benchmarks compare equal amounts of work)."""
         if n_seq < 1:
             raise LlavaLocalError(f"n_seq must be >= 1, got {n_seq}")
-        self.llm, self.L = llm, llm._L
+        self.llm = llm
         self.n_seq = n_seq
-        self.mem = self.L.llama_get_memory(llm.ctx)
         self.prefix = list(prefix)
         self.capacity = (capacity or llm.n_ctx) - len(self.prefix)
         self.free = list(range(n_seq - 1, -1, -1))   # slots (= sequence ids), popped from the end
         self.active: dict[int, _Seq] = {}
         self.reserved = 0                            # KV cells promised to active sequences
-        self.n_decode_calls = 0
-        self._eog = (np.array([t for t in range(llm.n_vocab) if llm.is_eog(t)], np.int64) if ignore_eos
-                     else None)
+        self._eog = eog_ids(llm) if ignore_eos else None
         self.reset()
 
     # --- state ---
     def reset(self) -> None:
         """Drop every sequence and evaluate the shared prefix again (after an error, or at start)."""
-        L = self.L
-        L.llama_memory_clear(self.mem, True)
+        llm = self.llm
+        llm.clear_memory()
         self.free = list(range(self.n_seq - 1, -1, -1))
         self.active.clear()
         self.reserved = 0
         if self.prefix:
             for i in range(0, len(self.prefix), self.llm.n_batch):
                 chunk = self.prefix[i:i + self.llm.n_batch]
-                b = _Batch(L, len(chunk))
+                b = llm.new_batch(len(chunk))
                 b.token[:] = chunk
                 b.pos[:] = np.arange(i, i + len(chunk))
-                self._decode(b)
+                llm.decode(b)
             for s in range(1, self.n_seq):
-                L.llama_memory_seq_cp(self.mem, 0, s, -1, -1)
+                llm.seq_copy(0, s)
 
     @property
     def n_free(self) -> int:
@@ -152,9 +125,10 @@ class BatchDecoder:
 
     def admit(self, req: SeqRequest) -> None:
         need = request_positions(req)
-        if need > self.capacity:
-            raise ContextOverflowError(f"{req.key}: needs {need} positions after a {len(self.prefix)}-token prefix, "
-                                       f"the context has {self.capacity} (raise --ctx or lower --max-tokens)")
+        images = [len(p) for p in req.parts if isinstance(p, np.ndarray)]
+        check_fit(n_ctx=self.capacity + len(self.prefix), in_use=len(self.prefix), n_images=len(images),
+                  image_tokens=max(images, default=0), n_text=need - sum(images) - req.max_tokens,
+                  n_answer=req.max_tokens, hint="raise --ctx or lower --max-tokens", what=req.key)
         if not self.fits(req):
             raise LlavaLocalError("no free sequence slot (check fits() before admit())")
         if req.max_tokens < 1:
@@ -164,24 +138,14 @@ class BatchDecoder:
         self.active[slot] = _Seq(req, slot, pos=len(self.prefix), todo=deque(req.parts), t0=time.perf_counter())
 
     # --- decoding ---
-    def _decode(self, b: _Batch) -> None:
-        rc = self.L.llama_decode(self.llm.ctx, b.struct)
-        self.n_decode_calls += 1
-        if rc != 0:
-            raise LlavaLocalError(f"llama_decode failed with code {rc} "
-                                  f"({'no KV cache slot' if rc == 1 else 'invalid batch' if rc == -1 else 'fatal'})")
-
-    def _logits(self, i: int) -> np.ndarray:
-        ptr = self.L.llama_get_logits_ith(self.llm.ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab,))   # a view: valid until the next decode
+    @property
+    def n_decode_calls(self) -> int:
+        return self.llm.n_decode_calls
 
     def _sample(self, seq: _Seq, logits: np.ndarray, done: list[SeqResult]) -> None:
         req = seq.req
-        if self._eog is not None:
-            logits = logits.copy()          # a view of llama.cpp's buffer: leave that as it was
-            logits[self._eog] = -np.inf
-        tok = req.sampler(logits, seq.tokens)
-        if self.llm.is_eog(tok):
+        tok = next_token(self.llm, req.sampler, logits, seq.tokens, eog_mask=self._eog)
+        if tok is None:
             return self._finish(seq, "stop", done)
         seq.tokens.append(tok)
         if len(seq.tokens) >= req.max_tokens:
@@ -190,7 +154,7 @@ class BatchDecoder:
 
     def _finish(self, seq: _Seq, reason: str, done: list[SeqResult]) -> None:
         # keep the shared prefix cells of this sequence; free the image, question and answer
-        self.L.llama_memory_seq_rm(self.mem, seq.slot, len(self.prefix), -1)
+        self.llm.seq_remove(seq.slot, len(self.prefix))
         del self.active[seq.slot]
         self.free.append(seq.slot)
         self.reserved -= request_positions(seq.req)
@@ -230,7 +194,7 @@ class BatchDecoder:
         nb = self.llm.n_batch
         while segs:
             n = min(nb, sum(len(p) - j for _, p, j, _ in segs))
-            b = _Batch(self.L, n, self.llm.n_embd if is_embd else 0)
+            b = self.llm.new_batch(n, embd=is_embd)
             i, want = 0, []
             while i < n:
                 seg = segs[0]
@@ -250,9 +214,9 @@ class BatchDecoder:
                     if final:
                         b.logits[i - 1] = 1
                         want.append((i - 1, s))
-            self._decode(b)
+            self.llm.decode(b)
             for i, s in want:
-                self._sample(s, self._logits(i), done)
+                self._sample(s, self.llm.logits_view(i), done)
 
     def step(self) -> list[SeqResult]:
         """Evaluate what is due (new prompts, one token of every generating sequence); return the

@@ -1,7 +1,8 @@
 """A multi-turn conversation that keeps llama.cpp's KV cache between turns.
 
-The conversation is rendered to one prompt string (prompt_format.py). The KV cache holds the tokens
-of a prefix of it (`kv_text`); a new turn evaluates only what its rendering appends, and images are
+The conversation is rendered to one prompt string and tokenized by the prompt builder
+(prompts/turns.py). The KV cache holds the tokens of a prefix of it (`kv_text`); a new turn
+evaluates only what its rendering appends, then the decode loop (generate.py) answers. Images are
 encoded once (the engine caches embeddings by decoded pixels + mmproj identity).
 
     s = engine.chat_session()
@@ -19,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from llava_local.errors import ContextOverflowError, LlavaLocalError
+from llava_local.errors import LlavaLocalError
 from llava_local.image.load import LoadedImage
 from llava_local.runtime.sampling import Sampler, SamplingParams
 from llava_local.prompts.templates import IMAGE_MARKER, Message
+from llava_local.prompts.turns import check_images, user_content
+from llava_local.runtime.context_fit import check_fit
+from llava_local.runtime.generate import Decode, prefill
 
 if TYPE_CHECKING:
     from llava_local.runtime.engine import Engine, ImageInput
@@ -46,16 +50,6 @@ class Answer:
         return self.text
 
 
-def user_content(prompt: str, n_images: int) -> str:
-    """LLaVA puts the image before the question: "<image>\\nQ". Explicit markers are respected."""
-    n_markers = prompt.count(IMAGE_MARKER)
-    if n_markers == 0:
-        return (IMAGE_MARKER + "\n") * n_images + prompt
-    if n_markers != n_images:
-        raise LlavaLocalError(f"the prompt has {n_markers} {IMAGE_MARKER} markers but {n_images} images were given")
-    return prompt
-
-
 class ChatSession:
     def __init__(self, engine: "Engine", *, system: str | None = None,
                  sampling: SamplingParams = SamplingParams(), max_tokens: int = 512):
@@ -77,8 +71,7 @@ class ChatSession:
         self.messages = [Message("system", self.system)] if self.system is not None else []
         self.images, self.image_sources = [], []
         self._kv_text = ""
-        if self.engine._owner is self:
-            self.engine.llm.reset()
+        self.engine.release_kv(self)
         self.last = None
 
     def stop(self) -> None:
@@ -86,9 +79,7 @@ class ChatSession:
         self._stop = True
 
     def _claim_kv(self) -> None:
-        if self.engine._owner is not self:
-            self.engine.llm.reset()
-            self.engine._owner = self
+        if self.engine.claim_kv(self):
             self._kv_text = ""
 
     # --- one turn ---
@@ -107,10 +98,8 @@ class ChatSession:
         t1 = time.perf_counter()
         messages = self.messages + [Message("user", user_content(text, len(loaded)))]
         all_images = self.images + loaded
-        target = eng.format.render(messages, add_generation_prompt=True)
-        if target.count(IMAGE_MARKER) != len(all_images):
-            raise LlavaLocalError(f"the chat template placed {target.count(IMAGE_MARKER)} images, "
-                                  f"the conversation has {len(all_images)}")
+        target = eng.prompt.render(messages)
+        check_images(target, len(all_images))
         self._claim_kv()
         if not target.startswith(self._kv_text):
             log.debug("prompt is not an extension of the cached prefix: re-evaluating the conversation")
@@ -118,27 +107,16 @@ class ChatSession:
             self._kv_text = ""
         delta = target[len(self._kv_text):]
         first_image = self._kv_text.count(IMAGE_MARKER)
-        parts = delta.split(IMAGE_MARKER)
-        token_parts = [llm.tokenize(p) if p else [] for p in parts]
-        n_new_images = len(parts) - 1
-        need = sum(map(len, token_parts)) + n_new_images * eng.pair.image_tokens
-        if llm.n_past + need >= llm.n_ctx:   # refuse before encoding: never answer without the image
-            n_img_tok = n_new_images * eng.pair.image_tokens
-            if n_new_images:
-                what = (f"image needs {n_img_tok} tokens" if n_new_images == 1 else
-                        f"{n_new_images} images need {n_img_tok} tokens") + f" (+{need - n_img_tok} text)"
-            else:
-                what = f"this turn needs {need} tokens"
-            raise ContextOverflowError(f"{what}, n_ctx is {llm.n_ctx} with {llm.n_past} in use (raise --ctx, or /clear)")
+        token_parts = eng.prompt.split(delta, at_start=llm.n_past == 0)
+        n_new_images = len(token_parts) - 1
+        check_fit(n_ctx=llm.n_ctx, n_images=n_new_images, image_tokens=eng.pair.image_tokens,
+                  n_text=sum(map(len, token_parts)), in_use=llm.n_past, reserve=1,
+                  hint="raise --ctx, or /clear")   # refuse before encoding: never answer without the image
         embeds, cache_hits = eng.image_embeddings(all_images[first_image:first_image + n_new_images])
         t2 = time.perf_counter()
         n_reused = llm.n_past
         try:
-            for i, toks in enumerate(token_parts):
-                if i > 0:
-                    llm.eval_embeddings(embeds[i - 1])
-                if toks:
-                    llm.eval_tokens(toks)
+            prefill(llm, token_parts, embeds)
         except BaseException:
             self._kv_text = "\0"       # the cache holds a partial turn: never a prefix of anything
             raise
@@ -150,42 +128,24 @@ class ChatSession:
 
         self._stop = False
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens: list[int] = []
-        n_eval = 0                  # answer tokens evaluated into the KV cache
-        finish = "interrupted"      # unless the loop below ends otherwise
+        dec = Decode(llm, sampler, max_tokens, should_stop=lambda: self._stop)
         try:
-            for _ in range(max_tokens):
-                if self._stop:
-                    break
-                tok = sampler(llm.last_logits(), tokens)
-                if llm.is_eog(tok):
-                    finish = "stop"
-                    break
-                tokens.append(tok)
+            for tok in dec:
                 piece = decoder.decode(llm.token_bytes(tok))
                 if piece:
                     yield piece
-                if llm.n_past >= llm.n_ctx:
-                    finish = "length"
-                    break
-                llm.eval_tokens([tok])
-                n_eval += 1
-            else:
-                finish = "length"
         finally:  # also when the caller stops iterating: the recorded turn must match the KV cache
-            missing = tokens[n_eval:]
-            if missing and llm.n_past + len(missing) <= llm.n_ctx:
-                llm.eval_tokens(missing)
-                n_eval = len(tokens)
-            answer_text = llm.detokenize(tokens)
-            self._close_turn(answer_text, exact=n_eval == len(tokens))
+            exact = dec.settle()
+            answer_text = llm.detokenize(dec.tokens)
+            self._close_turn(answer_text, exact=exact)
+        tokens = dec.tokens
         t4 = time.perf_counter()
         timings = {"image_load_s": t1 - t0, "encode_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
                    "prefill_tok_per_s": n_prompt / (t3 - t2) if t3 > t2 else 0.0,
                    "decode_tok_per_s": len(tokens) / (t4 - t3) if tokens and t4 > t3 else 0.0,
                    "images_encoded": n_new_images - cache_hits, "image_cache_hits": cache_hits,
                    "vision_backend": eng.vision.name}
-        self.last = Answer(answer_text.strip(), tokens, n_prompt, n_reused, finish, timings)
+        self.last = Answer(answer_text.strip(), tokens, n_prompt, n_reused, dec.finish_reason, timings)
         self.totals["turns"] += 1
         self.totals["prompt_tokens"] += n_prompt
         self.totals["reused_tokens"] += n_reused
@@ -195,19 +155,20 @@ class ChatSession:
         """Record the answer and evaluate what the template puts after an answer (e.g. "</s>"), so
         the next turn's rendering extends the cache. The cache keeps the tokens the model generated
         (as llama.cpp's server does), even where re-rendering the answer would tokenize differently."""
-        llm, fmt = self.engine.llm, self.engine.format
+        llm, prompt_builder = self.engine.llm, self.engine.prompt
         prompt = self._kv_text
         self.messages = self.messages + [Message("assistant", answer_text.strip())]
-        probe = fmt.render(self.messages[:-1] + [Message("assistant", _SENTINEL)], add_generation_prompt=False)
+        probe = prompt_builder.render(self.messages[:-1] + [Message("assistant", _SENTINEL)],
+                                      add_generation_prompt=False)
         if not exact or not probe.startswith(prompt) or probe.count(_SENTINEL) != 1:
             self._kv_text = "\0"   # cannot extend exactly: the next turn re-evaluates from scratch
             return
         after = probe.split(_SENTINEL, 1)[1]
-        closed = fmt.render(self.messages, add_generation_prompt=False)
+        closed = prompt_builder.render(self.messages, add_generation_prompt=False)
         if not closed.endswith(after) or IMAGE_MARKER in after:
             self._kv_text = "\0"
             return
-        toks = llm.tokenize(after) if after else []
+        toks = prompt_builder.tokenize(after, at_start=False)
         if llm.n_past + len(toks) > llm.n_ctx:
             self._kv_text = "\0"
             return

@@ -1,11 +1,11 @@
 """The engine: a validated (LLM, mmproj) pair, a vision backend, and generation on llama.cpp.
 
-    engine = Engine(resolve_pair("out/"), vision_backend="torch")
+    engine = Engine(resolve_pair("out/"), EngineOptions(vision_backend="torch", n_ctx=4096))
     answer = engine.ask("What is in the picture?", ["photo.jpg"], max_tokens=64)
     print(answer.text, answer.timings)
 
-Images become embeddings (vision backend), the prompt becomes template segments
-(templates.py), and both are fed to llama.cpp in order through `llama_batch` (llm.py).
+Images become embeddings (vision backend), the conversation becomes token ids around the images
+(prompts/turns.py, the one prompt builder), and both are fed to llama.cpp in order (llm.py).
 """
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from llava_local.runtime.chat_session import Answer, ChatSession, user_content  # noqa: F401  (re-exported)
+from llava_local.runtime.chat_session import Answer, ChatSession  # noqa: F401  (Answer: re-exported)
 from llava_local.errors import BackendUnavailableError
 from llava_local.image.load import LoadedImage, load_image
+from llava_local.runtime.generate import prefill
 from llava_local.runtime.llm import LlamaLLM
 from llava_local.runtime.model_pair import ModelPair, check_context
 from llava_local.runtime.placement import backend_can_use_gpu, backend_order, resolve_placement
 from llava_local.prompts.render import choose_format
 from llava_local.runtime.sampling import SamplingParams
-from llava_local.prompts.templates import DEFAULT_TEMPLATE, Message, get_template, tokenize_segments
-from llava_local.vision import create_backend
+from llava_local.prompts.templates import IMAGE_MARKER, Message
+from llava_local.prompts.turns import PromptBuilder
+from llava_local.runtime.options import EngineOptions
+from llava_local.vision import VisionOptions, create_backend
 
 log = logging.getLogger(__name__)
 
@@ -37,47 +40,49 @@ EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576
 
 
 class Engine:
-    """gpu_layers / vision_backend / vision_device: "auto" or a value, resolved once by
-    placement.resolve_placement (the GPU when there is one; exact vision backends only);
-    workload ("oneshot", "session", "batch") tells it which backend starts or runs fastest."""
+    """`options` (EngineOptions) says how to run the pair; fields given as keywords override it.
+    "auto" placement is resolved once by placement.resolve_placement (the GPU when there is one;
+    exact vision backends only); the workload tells it which backend starts or runs fastest."""
 
-    def __init__(self, pair: ModelPair, *, vision_backend: str = "auto", n_ctx: int | None = None,
-                 n_gpu_layers: int | str = "auto", vision_device: str = "auto", threads: int | None = None,
-                 template: str | None = None, all_logits: bool = False, precise: bool = False, n_seq_max: int = 1,
-                 workload: str = "session", verbose: bool = False):
+    def __init__(self, pair: ModelPair, options: EngineOptions | None = None, **fields):
         self.pair = pair
-        if n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
-            n_ctx = min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
-        check_context(pair, n_ctx)
-        self.template = get_template(template or pair.template_name or DEFAULT_TEMPLATE)  # training layout
-        self.placement = resolve_placement(pair, gpu_layers=n_gpu_layers, vision_backend=vision_backend,
-                                           vision_device=vision_device, n_ctx=n_ctx, workload=workload)
-        self.llm = LlamaLLM(pair.llm_path, n_ctx=n_ctx, n_gpu_layers=self.placement.gpu_layers, n_threads=threads,
-                            all_logits=all_logits, precise=precise, n_seq_max=n_seq_max, verbose=verbose)
-        self.vision = self._make_backend(vision_backend == "auto", workload, threads=threads, verbose=verbose)
+        o = dataclasses.replace(options or EngineOptions(), **fields).validate()
+        if o.n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
+            o = dataclasses.replace(o, n_ctx=min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX))
+        self.options = o
+        check_context(pair, o.n_ctx)
+        self.placement = resolve_placement(pair, gpu_layers=o.gpu_layers, vision_backend=o.vision_backend,
+                                           vision_device=o.vision_device, n_ctx=o.n_ctx, workload=o.workload)
+        self.llm = LlamaLLM(pair.llm_path, n_ctx=o.n_ctx, n_gpu_layers=self.placement.gpu_layers,
+                            n_threads=o.threads, all_logits=o.all_logits, precise=o.precise, n_seq_max=o.n_seq_max,
+                            extra_bufts=o.extra_bufts, verbose=o.verbose)
+        self.vision = self._make_backend(o.vision_backend == "auto")
         bos = self.llm.bos
-        self.format = choose_format(override=template, gguf_template=pair.chat_template, named=pair.template_name,
+        self.format = choose_format(override=o.template, gguf_template=pair.chat_template, named=pair.template_name,
                                     bos_text=self.llm.token_text(bos) if bos is not None else "",
                                     eos_text=self.llm.token_text(self.llm.eos))
+        self.prompt = PromptBuilder(self.format, self.llm.tokenize, bos)
         self.n_images_encoded = 0
         self._embed_cache: OrderedDict[str, object] = OrderedDict()
         st = pair.mmproj_path.stat()
         self._mmproj_id = f"{pair.mmproj_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        self._owner: ChatSession | None = None      # the session whose turns are in the KV cache
+        self.kv_owner: object | None = None     # the session whose turns are in the KV cache
         log.info("%s; prompt format: %s", self.placement.describe(), self.format.name)
 
-    def _make_backend(self, auto: bool, workload: str, **kw):
+    def _make_backend(self, auto: bool):
         """The resolved backend; when it was chosen automatically and cannot load this file, the next
         exact one (never llama.cpp's inexact clip graph: that only on request)."""
         p = self.placement
-        names = [p.vision_backend] + ([n for n in backend_order(workload, p.vision_device == "gpu")
+        o = self.options
+        names = [p.vision_backend] + ([n for n in backend_order(o.workload, p.vision_device == "gpu")
                                        if n != p.vision_backend] if auto else [])
         errors = []
         for n in names:
             device = p.vision_device if backend_can_use_gpu(n, p.gpu) else "cpu"
             try:
-                backend = create_backend(n, self.pair.mmproj, llm=self.llm, vision_device=device,
-                                         workload=workload, **kw)
+                backend = create_backend(n, self.pair.mmproj, VisionOptions(device=device, threads=o.threads,
+                                                                            workload=o.workload, verbose=o.verbose),
+                                         llm=self.llm)
             except BackendUnavailableError as exc:
                 if not auto:
                     raise
@@ -120,24 +125,46 @@ class Engine:
         self.n_images_encoded += len(images)
         return out
 
-    def prompt_items(self, messages: Sequence[Message]):
-        segs = self.template.segments(messages, add_generation_prompt=True)
-        return tokenize_segments(segs, self.llm.tokenize, self.llm.bos, self.llm.eos).items
+    def prompt_items(self, messages: Sequence[Message]) -> list[list[int] | int]:
+        """The prompt builder's ids for `messages` (with a generation prompt) as prefill items: lists
+        of token ids, and -1 - i for the i-th image's slot."""
+        n_images = sum(m.content.count(IMAGE_MARKER) for m in messages)
+        items: list[list[int] | int] = []
+        for i, ids in enumerate(self.prompt.parts(messages, n_images=n_images)):
+            if i:
+                items.append(-i)
+            items.append(ids)
+        return items
 
     def prefill(self, items, embeds: np.ndarray) -> int:
         """Evaluate text ids and image slots (from `prompt_items`) in order on the current cache;
         returns positions evaluated. Low-level (tests compare against transformers with it)."""
-        self._owner = None
-        n0 = self.llm.n_past
+        self.kv_owner = None
+        texts: list[list[int]] = [[]]
+        images = []
         for it in items:
             if isinstance(it, list):
-                if it:
-                    self.llm.eval_tokens(it)
+                texts[-1] = texts[-1] + it
             else:
-                self.llm.eval_embeddings(embeds[-1 - it])
-        return self.llm.n_past - n0
+                images.append(embeds[-1 - it])
+                texts.append([])
+        return prefill(self.llm, texts, images)
 
     # --- conversations ---
+    def claim_kv(self, owner: object) -> bool:
+        """Make `owner` (a chat session) the holder of the LLM's KV cache; True when it held another
+        conversation, which is then cleared."""
+        if self.kv_owner is owner:
+            return False
+        self.llm.reset()
+        self.kv_owner = owner
+        return True
+
+    def release_kv(self, owner: object) -> None:
+        """Clear the KV cache if `owner` holds it."""
+        if self.kv_owner is owner:
+            self.llm.reset()
+
     def chat_session(self, *, system: str | None = None, sampling: SamplingParams = SamplingParams(),
                      max_tokens: int = 512) -> ChatSession:
         return ChatSession(self, system=system, sampling=sampling, max_tokens=max_tokens)

@@ -204,36 +204,24 @@ def write_probe_model(path: Path, qtype_name: str) -> None:
 
 
 def _child() -> int:
-    import llama_cpp as L
-    L.llama_backend_init()
+    from llava_local.errors import LlavaLocalError
+    from llava_local.runtime.llm import LlamaLLM
     with tempfile.TemporaryDirectory(prefix="llava-local-probe-") as tmp:
         for qtype in ("Q4_0", "Q8_0"):
             path = Path(tmp) / f"probe-{qtype}.gguf"
             write_probe_model(path, qtype)
-            mp = L.llama_model_default_params()
-            mp.n_gpu_layers = 0          # the question is about the CPU
-            mp.use_extra_bufts = True
-            model = L.llama_model_load_from_file(str(path).encode(), mp)
-            if not model:
-                print(f"llama.cpp could not load the {qtype} probe model", file=sys.stderr)
+            try:   # on the CPU (the question is about it), extra buffer types asked for explicitly
+                llm = LlamaLLM(path, n_ctx=64, n_batch=32, n_gpu_layers=0, extra_bufts=True)
+            except LlavaLocalError as exc:
+                print(f"the {qtype} probe model: {exc}", file=sys.stderr)
                 return 2
-            cp = L.llama_context_default_params()
-            cp.n_ctx, cp.n_batch, cp.n_ubatch = 64, 32, 32
-            ctx = L.llama_init_from_model(model, cp)
-            n = 32                       # a multi-token batch: the repacked GEMM path, where SIGILL was seen
-            batch = L.llama_batch_init(n, 0, 1)
-            batch.n_tokens = n
-            for i in range(n):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = (i * 7) % 256, i, 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if i == n - 1 else 0
-            rc = L.llama_decode(ctx, batch)
-            L.llama_batch_free(batch)
-            L.llama_free(ctx)
-            L.llama_model_free(model)
-            if rc != 0:
-                print(f"llama_decode returned {rc} on the {qtype} probe model", file=sys.stderr)
+            try:   # a multi-token batch: the repacked GEMM path, where SIGILL was seen
+                llm.eval_tokens([(i * 7) % 256 for i in range(32)])
+            except LlavaLocalError as exc:
+                print(f"the {qtype} probe model: {exc}", file=sys.stderr)
                 return 3
+            finally:
+                llm.close()
     return 0
 
 

@@ -1,9 +1,10 @@
-"""THE decode loop: after a prefill, sample a token from the last logits, stop at an end-of-generation
+"""THE prefill and THE decode loop. `prefill` evaluates a prompt's text parts and image embeddings in
+order; then `Decode` samples a token from the last logits, stop at an end-of-generation
 token, at max_tokens or when the context is full, else evaluate the token and go on. Chat sessions,
 text generation (the datagen teacher, the eval judge) and the quantization report run it; the
 batched decoder (batch_decode.py) applies the same stop rule (`next_token`) to many sequences.
 
-    llm.eval_tokens(prompt_ids)
+    prefill(llm, [before_ids, after_ids], [image_embd])      # text, image, text
     dec = Decode(llm, Sampler(SamplingParams()), max_tokens=64)
     for tok in dec:
         print(llm.token_bytes(tok).decode(errors="replace"), end="")
@@ -11,11 +12,25 @@ batched decoder (batch_decode.py) applies the same stop rule (`next_token`) to m
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from llava_local.runtime.sampling import Sampler
+
+
+def prefill(llm, text_parts: Sequence[Sequence[int]], embeds: Sequence[np.ndarray] = ()) -> int:
+    """Evaluate text_parts[0], embeds[0], text_parts[1], ... on the current cache (n images between
+    n + 1 text parts, as the prompt builder splits a prompt); returns the positions evaluated."""
+    if len(text_parts) != len(embeds) + 1:
+        raise ValueError(f"{len(embeds)} images need {len(embeds) + 1} text parts, got {len(text_parts)}")
+    n0 = llm.n_past
+    for i, ids in enumerate(text_parts):
+        if i:
+            llm.eval_embeddings(embeds[i - 1])
+        if ids:
+            llm.eval_tokens(list(ids))
+    return llm.n_past - n0
 
 
 def eog_ids(llm) -> np.ndarray:

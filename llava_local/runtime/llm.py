@@ -19,9 +19,36 @@ import numpy as np
 
 from llava_local.errors import ContextOverflowError, ModelFilesError
 from llava_local.llama_lib import llama_cpp_lib
+from llava_local.runtime.context_fit import check_fit
 from llava_local.runtime.extra_bufts_probe import extra_buffer_types_allowed
 
 log = logging.getLogger(__name__)
+
+class Batch:
+    """A `llama_batch` over numpy buffers, filled with vector ops (not a Python loop per field): the
+    only place a llama_batch is built. Rows are tokens (`token`) or embeddings (`embd`, an image)."""
+
+    def __init__(self, L, n: int, n_embd: int = 0):
+        self.n = n
+        self.pos = np.zeros(n, np.int32)
+        self.seq = np.zeros(n, np.int32)
+        self.n_seq_id = np.ones(n, np.int32)
+        self.logits = np.zeros(n, np.int8)
+        self.token = None if n_embd else np.zeros(n, np.int32)
+        self.embd = np.zeros((n, n_embd), np.float32) if n_embd else None
+        # seq_id is int32** : one pointer per token, each to its own id in self.seq
+        self._seq_ptrs = (self.seq.ctypes.data + 4 * np.arange(n, dtype=np.uint64)).astype(np.uint64)
+        b = L.llama_batch()
+        b.n_tokens = n
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        b.token = self.token.ctypes.data_as(i32p) if self.token is not None else None
+        b.embd = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if self.embd is not None else None
+        b.pos = self.pos.ctypes.data_as(i32p)
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
+        b.seq_id = self._seq_ptrs.ctypes.data_as(ctypes.POINTER(i32p))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+
 
 class LlamaLLM:
     """One llama.cpp model and context. llama.cpp's default model and context parameters are kept
@@ -71,6 +98,7 @@ class LlamaLLM:
         self.all_logits = all_logits
         self.n_past = 0                      # tokens in the KV cache (sequence 0)
         self.n_evaluated = 0                 # counter: positions decoded since load (tests assert KV reuse)
+        self.n_decode_calls = 0              # counter: llama_decode calls (the caption worker reports it)
         self._logits: list[np.ndarray] = []  # per-position logits kept when all_logits
         self._last: np.ndarray | None = None
 
@@ -118,7 +146,7 @@ class LlamaLLM:
 
     # --- KV cache ---
     def reset(self) -> None:
-        self._L.llama_memory_clear(self._L.llama_get_memory(self.ctx), True)
+        self.clear_memory()
         self.n_past = 0
         self._logits.clear()
         self._last = None
@@ -126,18 +154,12 @@ class LlamaLLM:
     def truncate(self, n: int) -> None:
         """Forget positions >= n (e.g. roll back an interrupted answer)."""
         if n < self.n_past:
-            self._L.llama_memory_seq_rm(self._L.llama_get_memory(self.ctx), 0, n, -1)
+            self.seq_remove(0, n)
             self.n_past = n
-
-    def _check_room(self, n: int, what: str) -> None:
-        if self.n_past + n > self.n_ctx:
-            raise ContextOverflowError(
-                f"{what} needs {n} tokens but only {self.n_ctx - self.n_past} of n_ctx {self.n_ctx} are free "
-                "(raise --ctx)")
 
     # --- evaluation ---
     def eval_tokens(self, tokens: list[int]) -> None:
-        self._check_room(len(tokens), "the prompt")
+        check_fit(n_ctx=self.n_ctx, n_text=len(tokens), in_use=self.n_past)
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
             self._decode(len(chunk), tokens=chunk)
@@ -147,41 +169,63 @@ class LlamaLLM:
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         if embd.ndim != 2 or embd.shape[1] != self.n_embd:
             raise ModelFilesError(f"image embeddings of shape {embd.shape} do not match LLM width {self.n_embd}")
-        self._check_room(embd.shape[0], f"an image ({embd.shape[0]} tokens)")
+        check_fit(n_ctx=self.n_ctx, n_images=1, image_tokens=embd.shape[0], in_use=self.n_past)
         for i in range(0, embd.shape[0], self.n_batch):
             chunk = embd[i:i + self.n_batch]
             self._decode(chunk.shape[0], embd=chunk)
 
     def _decode(self, n: int, *, tokens: list[int] | None = None, embd: np.ndarray | None = None) -> None:
-        L = self._L
-        batch = L.llama_batch_init(n, self.n_embd if embd is not None else 0, 1)
-        try:
-            batch.n_tokens = n
-            if embd is not None:
-                ctypes.memmove(batch.embd, embd.ctypes.data, embd.nbytes)
+        """Sequence 0: `n` tokens or embedding rows at the next positions."""
+        b = self.new_batch(n, embd=embd is not None)
+        if embd is not None:
+            b.embd[:] = embd
+        else:
+            b.token[:] = tokens
+        b.pos[:] = np.arange(self.n_past, self.n_past + n)
+        if self.all_logits:
+            b.logits[:] = 1
+        else:
+            b.logits[n - 1] = 1
+        self.decode(b)
+        if self.all_logits:
             for i in range(n):
-                if tokens is not None:
-                    batch.token[i] = tokens[i]
-                batch.pos[i] = self.n_past + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (self.all_logits or i == n - 1) else 0
-            rc = L.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise ContextOverflowError(f"llama_decode failed with code {rc} at position {self.n_past} "
-                                           f"(n_ctx {self.n_ctx})")
-            if self.all_logits:
-                for i in range(n):
-                    self._logits.append(self._logits_at(i))
-            self._last = self._logits_at(n - 1)
-        finally:
-            L.llama_batch_free(batch)
+                self._logits.append(self._logits_at(i))
+        self._last = self._logits_at(n - 1)
         self.n_past += n
         self.n_evaluated += n
 
-    def _logits_at(self, i: int) -> np.ndarray:
+    # --- batches of several sequences (batch_decode.py) ---
+    def new_batch(self, n: int, *, embd: bool = False) -> Batch:
+        return Batch(self._L, n, self.n_embd if embd else 0)
+
+    def decode(self, batch: Batch) -> None:
+        """Run llama_decode on a filled batch; logits of the rows flagged in `batch.logits` follow."""
+        rc = self._L.llama_decode(self.ctx, batch.struct)
+        self.n_decode_calls += 1
+        if rc != 0:
+            why = "no KV cache slot" if rc == 1 else "invalid batch" if rc == -1 else "fatal"
+            raise ContextOverflowError(f"llama_decode failed with code {rc} ({why}) at position {self.n_past} "
+                                       f"(n_ctx {self.n_ctx})")
+
+    def logits_view(self, i: int) -> np.ndarray:
+        """Row i's logits as a view of llama.cpp's buffer: valid until the next decode, never written."""
         ptr = self._L.llama_get_logits_ith(self.ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def clear_memory(self) -> None:
+        """Drop every sequence's cells (batch_decode; `reset` also forgets sequence 0's bookkeeping)."""
+        self._L.llama_memory_clear(self._L.llama_get_memory(self.ctx), True)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Give sequence `dst` the cells of `src` (a unified cache tags the same cells: no copy)."""
+        self._L.llama_memory_seq_cp(self._L.llama_get_memory(self.ctx), src, dst, -1, -1)
+
+    def seq_remove(self, seq: int, start: int) -> None:
+        """Free the cells of sequence `seq` from position `start` on."""
+        self._L.llama_memory_seq_rm(self._L.llama_get_memory(self.ctx), seq, start, -1)
+
+    def _logits_at(self, i: int) -> np.ndarray:
+        return self.logits_view(i).copy()
 
     def last_logits(self) -> np.ndarray:
         if self._last is None:

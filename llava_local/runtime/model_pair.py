@@ -15,10 +15,11 @@ from pathlib import Path
 
 import gguf
 
-from llava_local.errors import ContextOverflowError, ModelFilesError
+from llava_local.errors import ModelFilesError
 from llava_local.formats.gguf_check import GGUFInfo, read_gguf_info
 from llava_local.formats.gguf_names import KEY_LLAVA_LOCAL_TEMPLATE
-from llava_local.formats.manifest import read_manifest
+from llava_local.formats.manifest import find_manifests, read_manifest
+from llava_local.runtime.context_fit import check_fit
 from llava_local.formats.mmproj import MmprojInfo, mmproj_from_info
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _inside(directory: Path, name: str, manifest: Path) -> Path:
 
 
 def _from_dir(directory: Path) -> tuple[Path, Path, dict | None]:
-    manifests = sorted(directory.glob("*.manifest.json"))
+    manifests = find_manifests(directory)
     if len(manifests) == 1:
         m = read_manifest(manifests[0])
         return _inside(directory, m["llm"], manifests[0]), _inside(directory, m["mmproj"], manifests[0]), m
@@ -89,7 +90,7 @@ def resolve_pair(model: str | Path, mmproj: str | Path | None = None) -> ModelPa
             raise ModelFilesError(f"{model}: no such model file or directory")
         llm_path = model
         if mmproj is None:
-            sibling = sorted(model.parent.glob("*.manifest.json"))
+            sibling = find_manifests(model.parent)
             if len(sibling) == 1 and read_manifest(sibling[0]).get("llm") == model.name:
                 manifest = read_manifest(sibling[0])
                 mmproj_path = _inside(model.parent, manifest["mmproj"], sibling[0])
@@ -117,11 +118,4 @@ def resolve_pair(model: str | Path, mmproj: str | Path | None = None) -> ModelPa
 
 def check_context(pair: ModelPair, n_ctx: int, n_images: int = 1, n_text: int = 0) -> None:
     """Refuse a prompt that cannot fit, rather than silently dropping the image (llama-cpp-python #935)."""
-    need = pair.image_tokens * n_images
-    if need + n_text < n_ctx:
-        return
-    if n_images == 0:
-        raise ContextOverflowError(f"prompt needs {n_text} tokens, n_ctx is {n_ctx}: raise --ctx")
-    what = "image needs" if n_images == 1 else f"{n_images} images need"
-    raise ContextOverflowError(
-        f"{what} {need} tokens{f' (+{n_text} text)' if n_text else ''}, n_ctx is {n_ctx}: raise --ctx")
+    check_fit(n_ctx=n_ctx, n_images=n_images, image_tokens=pair.image_tokens, n_text=n_text, reserve=1)

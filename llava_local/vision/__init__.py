@@ -2,7 +2,7 @@
 
 Every backend reads the same mmproj GGUF and uses the shared preprocessing (preprocess.py); the LLM
 side (llm.py) consumes whatever they produce through `llama_batch` embeddings, so any backend can
-feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one.
+feed any engine. Registry: name -> class; `create_backend(name, mmproj, VisionOptions(...))` builds one.
 
 | name  | what runs the CLIP+projector                     | faithful to LLaVA? |
 |-------|--------------------------------------------------|--------------------|
@@ -13,7 +13,10 @@ feed any engine. Registry: name -> class; `create_backend(name, ...)` builds one
 """
 from __future__ import annotations
 
-from llava_local.vision.base import BACKENDS, VisionBackend, create_backend, register_backend  # noqa: F401
-from llava_local.vision import torch_backend, mtmd_backend  # noqa: F401  (register themselves)
-from llava_local.vision import onnx_backend  # noqa: F401  (registers "onnx"; onnxruntime is imported only when one is created)
-from llava_local.vision import native_backend  # noqa: F401  (registers "native"; libllava_vision is loaded only when one is created)
+from llava_local.vision.base import (BACKENDS, VisionBackend, VisionOptions, create_backend, preprocess_config,
+                                     register_backend)
+# the backends register themselves; onnxruntime, torch and libllava_vision load only when one is created
+from llava_local.vision import mtmd_backend, native_backend, onnx_backend, torch_backend
+
+__all__ = ["BACKENDS", "VisionBackend", "VisionOptions", "create_backend", "preprocess_config", "register_backend",
+           "mtmd_backend", "native_backend", "onnx_backend", "torch_backend"]

@@ -12,22 +12,20 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from llava_local.errors import BackendUnavailableError, ModelFilesError
 from llava_local.image.preprocess import square_image
-from llava_local.vision.base import VisionBackend, register_backend
+from llava_local.vision.base import VisionBackend, VisionOptions, register_backend
 
 log = logging.getLogger(__name__)
 
 
 @register_backend("mtmd")
 class MtmdBackend(VisionBackend):
-    def __init__(self, mmproj, *, llm=None, vision_device: str = "cpu", threads: int | None = None,
-                 verbose: bool = False, **_):
+    def __init__(self, mmproj, options: VisionOptions, llm=None):
         super().__init__(mmproj)
         if llm is None:
             raise BackendUnavailableError("the mtmd backend needs the loaded LLM (libmtmd binds to a llama model)")
@@ -38,9 +36,9 @@ class MtmdBackend(VisionBackend):
         self._M = mtmd_cpp
         self._llm = llm
         params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = vision_device == "gpu"
-        params.print_timings = verbose
-        params.n_threads = threads or max(1, os.cpu_count() or 2)
+        params.use_gpu = options.device == "gpu"
+        params.print_timings = options.verbose
+        params.n_threads = options.threads or max(1, os.cpu_count() or 2)
         params.warmup = False
         self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj.path).encode(), llm.model, params)
         if not self.ctx:
@@ -80,16 +78,10 @@ class MtmdBackend(VisionBackend):
             M.mtmd_input_chunks_free(chunks)
             M.mtmd_bitmap_free(bitmap)
 
-    def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def _encode(self, images: list[Image.Image]) -> np.ndarray:
         return np.stack([self._encode_one(im) for im in images])
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self._M.mtmd_free(self.ctx)
             self.ctx = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

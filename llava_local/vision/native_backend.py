@@ -8,28 +8,26 @@ Metal when that build has them, with `device="gpu"`), and encodes a batch of ima
 that failed, creating this backend raises BackendUnavailableError and the engine falls back.
 LLAVA_LOCAL_NATIVE_LIB=/path/to/libllava_vision.so points at another build.
 
-    backend = create_backend("native", read_mmproj("mmproj-F16.gguf"), threads=8, max_batch=8)
+    backend = create_backend("native", read_mmproj("mmproj-F16.gguf"), VisionOptions(threads=8, max_batch=8))
     emb = backend.encode(images)               # (n_images, 576, 4096) float32
 
 On the CPU, F16/BF16 matrices are widened to F32 at load (`cpu_f32_weights`, native/README.md) except
 for `workload="oneshot"`, where the load time and twice the memory cost more than they save;
-`cpu_f32_weights=True/False` decides it explicitly.
+`VisionOptions(cpu_f32_weights=True/False)` decides it explicitly.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from llava_local.errors import BackendUnavailableError, ModelFilesError
-from llava_local.image.preprocess import preprocess_batch
-from llava_local.vision.base import VisionBackend, register_backend
+from llava_local.vision.base import PixelBackend, VisionOptions, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def load_library() -> ctypes.CDLL:
     try:
         # llama_cpp's libllama pulls in its libggml*; our library then binds to those very copies
         # (same soname), so the encoder and the LLM share one ggml and one device registry.
-        import llama_cpp.llama_cpp  # noqa: F401
+        importlib.import_module("llama_cpp.llama_cpp")
     except (ImportError, OSError) as exc:
         raise BackendUnavailableError(f"native encoder not built: llama_cpp cannot be loaded ({exc})") from None
     try:
@@ -100,24 +98,24 @@ def load_library() -> ctypes.CDLL:
 
 
 @register_backend("native")
-class NativeBackend(VisionBackend):
+class NativeBackend(PixelBackend):
     exact = True
 
-    def __init__(self, mmproj, *, device: str = "cpu", vision_device: str | None = None, threads: int | None = None,
-                 max_batch: int = 8, flash_attn: bool | None = None, cpu_f32_weights: bool | None = None,
-                 workload: str = "session", **_):
+    def __init__(self, mmproj, options: VisionOptions, llm=None):
+        del llm  # the encoder has its own ggml context; it shares only the library with the LLM
         super().__init__(mmproj)
-        device = vision_device or device  # the engine passes vision_device
+        device = options.device
+        cpu_f32_weights = options.cpu_f32_weights
         if cpu_f32_weights is None:
             # One question: widening F16 to F32 at load costs seconds and doubles the weights' memory
             # (ViT-L/14-336: 0.6 -> 1.25 GB), more than F32 matmuls save on one image (bench/startup.py).
-            cpu_f32_weights = workload != "oneshot"
+            cpu_f32_weights = options.workload != "oneshot"
         self._lib = lib = load_library()
         params = lib.llava_vision_default_params()
-        params.n_threads = int(threads or 0)
+        params.n_threads = int(options.threads or 0)
         params.use_gpu = int(device == "gpu")
-        params.max_batch = int(max_batch)
-        params.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        params.max_batch = int(options.max_batch)
+        params.flash_attn = -1 if options.flash_attn is None else int(options.flash_attn)
         params.cpu_f32_weights = int(cpu_f32_weights)
         err = ctypes.create_string_buffer(ERR_LEN)
         self.device_name = "GPU" if device == "gpu" else "CPU"
@@ -167,16 +165,7 @@ class NativeBackend(VisionBackend):
             raise BackendUnavailableError(f"native encoder on {self.device_name}: {msg}")
         raise ModelFilesError(f"native encoder: {msg}")
 
-    def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.encode_pixels(preprocess_batch(images, self.preprocess_config))
-
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self._lib.llava_vision_free(self.ctx)
             self.ctx = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -5,7 +5,7 @@ tests/test_onnx.py) and portable. Make the files with `llava-local convert CKPT 
 
     llava-local run --model OUT/ --vision-backend onnx -p "What is this?" photo.jpg
     backend = create_backend("onnx", pair.mmproj)                  # finds OUT/<name>-vision.onnx
-    backend = create_backend("onnx", pair.mmproj, onnx_path="x-vision.onnx", vision_device="gpu")
+    backend = create_backend("onnx", pair.mmproj, VisionOptions(onnx_path="x-vision.onnx", device="gpu"))
 
 The model is found from the manifest next to the mmproj (its "onnx" entry), else as
 `<prefix>-vision.onnx` for an mmproj named `<prefix>-mmproj-<TYPE>.gguf`, else as `<stem>-vision.onnx`
@@ -28,9 +28,10 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from llava_local.formats.manifest import manifest_for
 from llava_local.errors import BackendUnavailableError, ModelFilesError
 from llava_local.image.preprocess import preprocess_batch
-from llava_local.vision.base import VisionBackend, register_backend
+from llava_local.vision.base import PixelBackend, VisionOptions, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ MANIFEST_KEY = "onnx"           # manifest["onnx"] = {"model": ..., "sidecar": .
 # CoreML only on request: it may run in float16 on the GPU / Neural Engine, so it is not exact.
 GPU_PROVIDERS = ("CUDAExecutionProvider", "CoreMLExecutionProvider")
 CPU_PROVIDER = "CPUExecutionProvider"
-DEFAULT_BATCH = 8               # images per session.run: bounds the (B, 3, 336, 336) input and activations
 
 
 def model_name(prefix: str) -> str:
@@ -68,17 +68,13 @@ def _inside(folder: Path, name: str, where: Path) -> Path:
 def find_onnx_model(mmproj_path: Path) -> Path:
     """The ONNX model that belongs to this mmproj; BackendUnavailableError when there is none."""
     folder = mmproj_path.parent
-    for mf in sorted(folder.glob("*.manifest.json")):
-        try:
-            m = json.loads(mf.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue   # model_pair already validated the manifest it used; others are not ours
-        entry = m.get(MANIFEST_KEY) if isinstance(m, dict) and m.get("mmproj") == mmproj_path.name else None
-        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
-            p = _inside(folder, entry["model"], mf)
-            if not p.is_file():
-                raise BackendUnavailableError(f"{mf} names ONNX model {p.name}, which is missing")
-            return p
+    found = manifest_for(folder, mmproj=mmproj_path.name)
+    entry = found[1].get(MANIFEST_KEY) if found else None
+    if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+        p = _inside(folder, entry["model"], found[0])
+        if not p.is_file():
+            raise BackendUnavailableError(f"{found[0]} names ONNX model {p.name}, which is missing")
+        return p
     prefix, sep, _ = mmproj_path.name.rpartition("-mmproj-")
     if sep and (folder / model_name(prefix)).is_file():
         return folder / model_name(prefix)
@@ -206,19 +202,18 @@ def choose_providers(device: str, available: Sequence[str], platform: str = sys.
 
 
 @register_backend("onnx")
-class OnnxBackend(VisionBackend):
+class OnnxBackend(PixelBackend):
     exact = True
 
-    def __init__(self, mmproj, *, onnx_path: str | os.PathLike | None = None, device: str = "cpu",
-                 vision_device: str | None = None, threads: int | None = None, batch_size: int = DEFAULT_BATCH,
-                 providers: Sequence[str] | None = None, **_):
+    def __init__(self, mmproj, options: VisionOptions, llm=None):
+        del llm  # onnxruntime runs the exported graph on its own
         super().__init__(mmproj)
         try:
             import onnx
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailableError(f"the onnx vision backend needs onnx and onnxruntime ({exc})") from None
-        path = Path(onnx_path) if onnx_path is not None else find_onnx_model(Path(mmproj.path))
+        path = Path(options.onnx_path) if options.onnx_path is not None else find_onnx_model(Path(mmproj.path))
         if not path.is_file():
             raise BackendUnavailableError(f"{path}: ONNX vision model not found")
         sc = read_sidecar(sidecar_path(path), mmproj)
@@ -230,18 +225,18 @@ class OnnxBackend(VisionBackend):
         check_external_data(path, proto)          # before onnxruntime opens anything the graph names
         _check_io(path, proto, mmproj.image_size)
         del proto
-        device = vision_device or device
-        chosen = list(providers) if providers else choose_providers(device, ort.get_available_providers())
+        chosen = (list(options.providers) if options.providers
+                  else choose_providers(options.device, ort.get_available_providers()))
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        if options.threads:
+            opts.intra_op_num_threads = options.threads
         opts.log_severity_level = 3   # onnxruntime's warnings go to stderr otherwise
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
         except Exception as exc:   # onnxruntime raises its own pybind exception types
             raise ModelFilesError(f"{path}: onnxruntime could not load it ({exc})") from None
         self.path = path
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(options.batch_size))
         log.info("onnx vision backend: %s on %s", path.name, ", ".join(self.session.get_providers()))
 
     @property

@@ -9,17 +9,15 @@ Either FFN naming is read (`MmprojInfo.ffn_swapped`: upstream's legacy converter
 """
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Sequence
 
 import gguf
 import numpy as np
-from PIL import Image
 
 from llava_local.errors import BackendUnavailableError, ModelFilesError
 from llava_local.formats.gguf_names import CLIP_TENSORS, PROJECTOR_TENSORS
-from llava_local.image.preprocess import preprocess_batch
-from llava_local.vision.base import VisionBackend, register_backend
+from llava_local.vision.base import PixelBackend, VisionOptions, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +81,21 @@ def build_modules(m, *, attn_implementation: str | None = None):
 
 
 @register_backend("torch")
-class TorchBackend(VisionBackend):
+class TorchBackend(PixelBackend):
     exact = True
 
-    def __init__(self, mmproj, *, vision_device: str = "cpu", threads: int | None = None, **_):
+    def __init__(self, mmproj, options: VisionOptions, llm=None):
+        del llm  # PyTorch runs the rebuilt modules on its own
         super().__init__(mmproj)
         try:
             import torch
-            import transformers  # noqa: F401
+            importlib.import_module("transformers")   # build_modules needs it: fail here, as unavailable
         except ImportError as exc:
             raise BackendUnavailableError(f"the torch vision backend needs torch and transformers ({exc})") from None
         self._torch = torch
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if vision_device == "gpu" and torch.cuda.is_available() else "cpu")
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.device = torch.device("cuda" if options.device == "gpu" and torch.cuda.is_available() else "cpu")
         clip, linear_1, linear_2 = build_modules(mmproj)
         self.clip = clip.to(self.device)
         self.proj = {"linear_1": linear_1.to(self.device), "linear_2": linear_2.to(self.device)}
@@ -111,6 +110,3 @@ class TorchBackend(VisionBackend):
             h = torch.nn.functional.gelu(self.proj["linear_1"](h))       # (B, 576, 4096), exact erf GELU
             h = self.proj["linear_2"](h)                                  # (B, 576, n_embd)
             return h.float().cpu().numpy()
-
-    def _encode(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.encode_pixels(preprocess_batch(images, self.preprocess_config))
