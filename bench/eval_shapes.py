@@ -22,10 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llava_local.cli.eval import shapes_data  # noqa: E402
 from llava_local.eval.shapes import evaluate_shapes  # noqa: E402
 from llava_local.runtime.engine import Engine  # noqa: E402
 from llava_local.runtime.model_pair import resolve_pair  # noqa: E402
+from train.shapes import shapes_data  # noqa: E402
 
 DEFAULT_MODEL = REPO / "llava_local" / "data" / "demo"
 

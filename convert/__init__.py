@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llava_local.errors import ConversionError
-from llava_local.formats.manifest import manifest_path as _manifest_path, write_manifest
+from llava_local.formats.manifest import manifest_path as _manifest_path
+from llava_local.formats.manifest import write_manifest
 from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
 
 from .checkpoint import LlavaCheckpoint, read_checkpoint
@@ -61,7 +62,8 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
     if outtype not in OUTTYPES:
         raise ConversionError(f"outtype {outtype!r} unknown (choose from {', '.join(OUTTYPES)})")
     if quantize is not None:
-        from .quantize import QTYPES, quantize as quantize_llm
+        from .quantize import QTYPES
+        from .quantize import quantize as quantize_llm
         quantize = quantize.upper()
         if quantize not in QTYPES:
             raise ConversionError(f"quantization type {quantize!r} unknown (choose from {', '.join(QTYPES)})")

@@ -45,8 +45,8 @@ import torch
 from llava_local.errors import ConversionError
 from llava_local.fileio import atomic_path, write_json
 # the file contract (names, sidecar format) lives with its reader, which must not import torch
-from llava_local.vision.onnx_backend import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION,
-                                             model_name, sidecar_path)
+from llava_local.vision.onnx_backend import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, model_name,
+                                             sidecar_path)
 
 from .checkpoint import LlavaCheckpoint, read_checkpoint
 

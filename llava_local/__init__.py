@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from llava_local.errors import (BackendUnavailableError, ContextOverflowError, ConversionError, ImageError,  # noqa: F401
-                     LlavaLocalError, ModelFilesError, TemplateError)
+from llava_local.errors import (BackendUnavailableError, ContextOverflowError, ConversionError,  # noqa: F401
+                                ImageError, LlavaLocalError, ModelFilesError, TemplateError)
 
 __all__ = ["load", "Model", "LlavaLocalError", "ModelFilesError", "ImageError", "ContextOverflowError"]
 
@@ -72,8 +72,8 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     LLM layers that fit the GPU (0 on a CPU build), `vision_device` "auto" uses the GPU when the vision
     backend can; `m.engine.placement.describe()` says what runs where and why."""
     from llava_local.runtime.engine import Engine
-    from llava_local.runtime.options import EngineOptions
     from llava_local.runtime.model_source import find_model
+    from llava_local.runtime.options import EngineOptions
     pair = find_model(model, mmproj, hf_repo=hf_repo, hf_quant=hf_quant)
     return Model(Engine(pair, EngineOptions(vision_backend=vision_backend, n_ctx=n_ctx, gpu_layers=gpu_layers,
                                             vision_device=vision_device, threads=threads, template=template,

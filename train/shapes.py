@@ -384,3 +384,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def shapes_data(**fields):
+    """This held-out split as llava_local/eval's ShapesData (eval/ never imports train/: `llava-local
+    eval --shapes`, eval-quant and bench/eval_shapes.py hand it in); `fields` override ShapesData's."""
+    from llava_local.eval.shapes import ShapesData
+    return ShapesData(eval_records, write_eval_images, EVAL_KINDS, **fields)

@@ -14,8 +14,7 @@ from llava_local.caption.job import CaptionJob, run_job
 from llava_local.caption.supervisor import STALL_TIMEOUT_S
 from llava_local.caption.worker import WorkerConfig
 from llava_local.cli.errors import domain_errors
-from llava_local.cli.options import (engine_options, model_options, pair_from, sampling_from, sampling_options,
-                                     status)
+from llava_local.cli.options import engine_options, model_options, pair_from, sampling_from, sampling_options, status
 from llava_local.errors import LlavaLocalError
 from llava_local.logs import setup_logging
 from llava_local.prompts.presets import PROMPTS

@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 
 from llava_local.cli.errors import domain_errors
-from llava_local.logs import setup_logging
 from llava_local.cli.options import engine_from, model_options, pair_from, sampling_from, sampling_options, status
 from llava_local.errors import LlavaLocalError
+from llava_local.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

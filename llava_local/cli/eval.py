@@ -1,6 +1,6 @@
 """`llava-local eval` (score a model) and `llava-local datagen` (instruction data from a local
 teacher): thin commands over llava_local/eval/ and train/datagen.py. They build what eval/ must
-not import itself: the shapes held-out data (`shapes_data`, from train/shapes.py)."""
+not import itself: the shapes held-out data (train/shapes.py `shapes_data`)."""
 from __future__ import annotations
 
 import json
@@ -51,15 +51,6 @@ def eval_cmd(questions, image_root, n_shapes, shapes_seed, judge, judge_threads,
                           temp, seed, max_tokens, limit, report, as_json, kw)
 
 
-def shapes_data(**fields):
-    """train/shapes.py's held-out split for llava_local/eval (which never imports train/); `fields`
-    override ShapesData's (cli/quantize.py adds the demo model's split)."""
-    from train.shapes import EVAL_KINDS, eval_records, write_eval_images
-
-    from llava_local.eval.shapes import ShapesData
-    return ShapesData(eval_records, write_eval_images, EVAL_KINDS, **fields)
-
-
 def _eval(questions, image_root, n_shapes, shapes_seed, judge, judge_threads, judge_max_tokens, temp, seed,
           max_tokens, limit, report, as_json, kw):
     from tqdm import tqdm
@@ -85,6 +76,7 @@ def _eval(questions, image_root, n_shapes, shapes_seed, judge, judge_threads, ju
     sampling = SamplingParams(temperature=temp, seed=seed).validate()
     with tempfile.TemporaryDirectory() as tmp:
         if n_shapes is not None:
+            from train.shapes import shapes_data
             data = shapes_data()
             split = data.split(pair.manifest, n_images=n_shapes, seed=shapes_seed)
             if split.warning():
@@ -202,9 +194,8 @@ def datagen(annotations, images_dir, teacher, kinds, per_image, out, max_tokens,
 
 def _datagen(annotations, images_dir, teacher, kinds, per_image, out, max_tokens, temp, seed, n_seeds, limit,
              bench_path, threads, ctx, verbose):
-    from train.datagen import KINDS, DatagenConfig, generate_dataset, load_annotations, write_bench_questions
-
     from llava_local.runtime.text_generation import TextGenerator
+    from train.datagen import KINDS, DatagenConfig, generate_dataset, load_annotations, write_bench_questions
 
     setup_logging(verbose)
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())

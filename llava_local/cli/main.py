@@ -14,8 +14,8 @@ import click
 
 from llava_local.cli.chat import chat
 from llava_local.cli.errors import domain_errors
-from llava_local.logs import setup_logging
 from llava_local.cli.options import model_options, sampling_options
+from llava_local.logs import setup_logging
 
 
 class _LazyCommand(click.Command):
@@ -104,8 +104,9 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
     if os.path.isfile(checkpoint):
         _export_mmproj_onnx(checkpoint, out_dir, name, onnx)
         return
-    from convert import convert as do_convert
     from tqdm import tqdm
+
+    from convert import convert as do_convert
 
     bar = tqdm(desc="writing tensors", unit="tensor", file=sys.stderr, disable=None)
     try:

@@ -49,8 +49,8 @@ def quantize(src, dst, qtype, threads, verbose):
 
 def _quantizer():
     """convert/quantize.py for eval-quant (llava_local/eval never imports convert/)."""
-    from convert.quantize import QTYPES, quantize as quantize_llm
-
+    from convert.quantize import QTYPES
+    from convert.quantize import quantize as quantize_llm
     from llava_local.eval.quant_eval import Quantizer
     return Quantizer(tuple(QTYPES), quantize_llm)
 
@@ -59,8 +59,7 @@ def _shapes_data():
     """The shapes held-out data, and the demo model's split: a `convert` of the demo checkpoint
     has a manifest named like the demo's but without "shapes_eval"."""
     from train.demo_model import NAME, DemoConfig
-
-    from llava_local.cli.eval import shapes_data
+    from train.shapes import shapes_data
     return shapes_data(trained_on={NAME: {"seed": DemoConfig.seed, "n_images": DemoConfig.n_eval}})
 
 

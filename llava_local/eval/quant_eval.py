@@ -3,7 +3,7 @@ agreement with the unquantized (source) LLM over teacher-forced answers, and, fo
 model, exact-match accuracy on its held-out questions.
 
     from convert.quantize import QTYPES, quantize
-    from llava_local.cli.eval import shapes_data
+    from train.shapes import shapes_data
     report = evaluate_quants("out/", QuantEvalConfig(types=("Q4_K_M", "Q8_0")),
                              quantizer=Quantizer(tuple(QTYPES), quantize), shapes=shapes_data())
     print(markdown_table(report)); plot_report(report, "quant.png")      # eval/quant_report.py

@@ -1,7 +1,7 @@
 """The shapes held-out evaluation, defined once: bench/eval_shapes.py, `llava-local eval --shapes`
 and `llava-local eval-quant` (its accuracy column) all score through `evaluate_shapes`.
 
-    data = shapes_data()                                   # cli/eval.py: train/shapes.py, handed in
+    data = shapes_data()                                   # train/shapes.py, handed in by the caller
     split = data.split(pair.manifest, n_images=100)        # seed and size of the manifest's split
     res = evaluate_shapes(engine, data.held_out(split, root))   # images rendered under root
     res.accuracy()                                         # over colour, shape, count, position
@@ -53,7 +53,7 @@ class ShapesSet:
 
 @dataclass(frozen=True)
 class ShapesData:
-    """train/shapes.py's held-out data, handed in by the caller (cli/eval.py `shapes_data`)."""
+    """train/shapes.py's held-out data, handed in by the caller (train/shapes.py `shapes_data`)."""
     eval_records: Callable[[int, int], list[dict]]     # (n_images, seed) -> records, prefix-stable in n_images
     write_images: Callable[[list[dict], Path], None]   # render each record's image under a root
     eval_kinds: tuple[str, ...]                        # the scored kinds

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from llava_local.errors import LlavaLocalError
 from llava_local.image.load import LoadedImage
-from llava_local.runtime.sampling import Sampler, SamplingParams
 from llava_local.prompts.templates import IMAGE_MARKER, Message
 from llava_local.prompts.turns import check_images, user_content
 from llava_local.runtime.context_fit import check_fit
 from llava_local.runtime.generate import Decode, prefill
+from llava_local.runtime.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from llava_local.runtime.engine import Engine, ImageInput

@@ -18,18 +18,18 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from llava_local.runtime.chat_session import Answer, ChatSession  # noqa: F401  (Answer: re-exported)
 from llava_local.errors import BackendUnavailableError
 from llava_local.image.load import LoadedImage, load_image
+from llava_local.prompts.render import choose_format
+from llava_local.prompts.templates import IMAGE_MARKER, Message
+from llava_local.prompts.turns import PromptBuilder
+from llava_local.runtime.chat_session import Answer, ChatSession  # noqa: F401  (Answer: re-exported)
 from llava_local.runtime.generate import prefill
 from llava_local.runtime.llm import LlamaLLM
 from llava_local.runtime.model_pair import ModelPair, check_context
-from llava_local.runtime.placement import backend_can_use_gpu, backend_order, resolve_placement
-from llava_local.prompts.render import choose_format
-from llava_local.runtime.sampling import SamplingParams
-from llava_local.prompts.templates import IMAGE_MARKER, Message
-from llava_local.prompts.turns import PromptBuilder
 from llava_local.runtime.options import EngineOptions
+from llava_local.runtime.placement import backend_can_use_gpu, backend_order, resolve_placement
+from llava_local.runtime.sampling import SamplingParams
 from llava_local.vision import VisionOptions, create_backend
 
 log = logging.getLogger(__name__)

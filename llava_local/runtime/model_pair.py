@@ -19,8 +19,8 @@ from llava_local.errors import ModelFilesError
 from llava_local.formats.gguf_check import GGUFInfo, read_gguf_info
 from llava_local.formats.gguf_names import KEY_LLAVA_LOCAL_TEMPLATE
 from llava_local.formats.manifest import find_manifests, read_manifest
-from llava_local.runtime.context_fit import check_fit
 from llava_local.formats.mmproj import MmprojInfo, mmproj_from_info
+from llava_local.runtime.context_fit import check_fit
 
 log = logging.getLogger(__name__)
 

@@ -159,6 +159,7 @@ def backend_can_use_gpu(name: str, gpu: GpuInfo | None) -> bool:
         if importlib.util.find_spec("onnxruntime") is None:
             return False
         import onnxruntime
+
         from llava_local.vision.onnx_backend import GPU_PROVIDERS
         return any(p in onnxruntime.get_available_providers() for p in GPU_PROVIDERS)
     return False

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Sequence
 
 from llava_local.formats.gguf_check import read_gguf_info
-from llava_local.runtime.llm import LlamaLLM
 from llava_local.prompts.render import choose_format
-from llava_local.runtime.sampling import Sampler, SamplingParams
 from llava_local.prompts.templates import Message
 from llava_local.prompts.turns import PromptBuilder
 from llava_local.runtime.context_fit import check_fit
 from llava_local.runtime.generate import Decode, prefill
+from llava_local.runtime.llm import LlamaLLM
+from llava_local.runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 

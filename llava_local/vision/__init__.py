@@ -13,10 +13,10 @@ feed any engine. Registry: name -> class; `create_backend(name, mmproj, VisionOp
 """
 from __future__ import annotations
 
-from llava_local.vision.base import (BACKENDS, VisionBackend, VisionOptions, create_backend, preprocess_config,
-                                     register_backend)
 # the backends register themselves; onnxruntime, torch and libllava_vision load only when one is created
 from llava_local.vision import mtmd_backend, native_backend, onnx_backend, torch_backend
+from llava_local.vision.base import (BACKENDS, VisionBackend, VisionOptions, create_backend, preprocess_config,
+                                     register_backend)
 
 __all__ = ["BACKENDS", "VisionBackend", "VisionOptions", "create_backend", "preprocess_config", "register_backend",
            "mtmd_backend", "native_backend", "onnx_backend", "torch_backend"]

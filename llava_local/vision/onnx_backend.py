@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from llava_local.formats.manifest import manifest_for
 from llava_local.errors import BackendUnavailableError, ModelFilesError
+from llava_local.formats.manifest import manifest_for
 from llava_local.image.preprocess import preprocess_batch
 from llava_local.vision.base import PixelBackend, VisionOptions, register_backend
 
