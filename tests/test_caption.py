@@ -285,8 +285,8 @@ def test_batch_decoder_matches_one_at_a_time_chat_answers(pair_f32):
     got = dec.generate(reqs)
     assert [r.tokens for r in got] == want
     assert all(r.finish_reason == "length" for r in got) and not dec.active and dec.n_free == 3
-    with pytest.raises(ContextOverflowError, match="raise --ctx"):   # the 16 image tokens do not fit
-        BatchDecoder(llm, prefix, n_seq=1, capacity=len(prefix) + 16).admit(reqs[0])
+    with pytest.raises(ContextOverflowError, match="raise --ctx"):   # image + answer do not fit n_ctx 512
+        dec.admit(SeqRequest("big", [emb[0], suffix], Sampler(SamplingParams()), 512 - len(prefix)))
     eng.close()
 
 

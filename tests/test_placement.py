@@ -26,23 +26,33 @@ SIGILL_CHILD = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), s
 
 # --- the probe ------------------------------------------------------------------------------------
 
-def test_probe_child_decodes_quantized_models_with_extra_buffer_types(tmp_path):
+def _child(monkeypatch, cmd: list[str]) -> None:
+    monkeypatch.setattr(probe_mod, "child_command", lambda: cmd)
+
+
+def _cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "llava-local" / probe_mod.CACHE_FILE
+
+
+def test_probe_child_decodes_quantized_models_with_extra_buffer_types(tmp_path, monkeypatch):
     """The real child: writes Q4_0 and Q8_0 models, loads them with extra buffer types, decodes a batch."""
-    cache = tmp_path / "probe.json"
-    r = probe_mod.probe(cache=cache)
+    cache = _cache(tmp_path, monkeypatch)
+    r = probe_mod.probe()
     assert (r.ok, r.outcome, r.cached) == (True, "ok", False)
     assert json.loads(cache.read_text()) == {probe_mod.probe_key(): "ok"}
-    again = probe_mod.probe(SIGILL_CHILD, cache=cache)        # cached: the child is not run again
+    _child(monkeypatch, SIGILL_CHILD)
+    again = probe_mod.probe()                                 # cached: the child is not run again
     assert (again.ok, again.outcome, again.cached) == (True, "ok", True)
 
 
 def test_probe_child_killed_by_sigill_turns_extra_buffer_types_off(tmp_path, monkeypatch):
-    cache_home = tmp_path / "xdg"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    cache = _cache(tmp_path, monkeypatch)
     monkeypatch.delenv(probe_mod.ENV, raising=False)
-    r = probe_mod.probe(SIGILL_CHILD)
+    _child(monkeypatch, SIGILL_CHILD)
+    r = probe_mod.probe()
     assert (r.ok, r.outcome) == (False, signal.Signals.SIGILL.name)
-    cached = json.loads((cache_home / "llava-local" / probe_mod.CACHE_FILE).read_text())
+    cached = json.loads(cache.read_text())
     assert cached == {probe_mod.probe_key(): "SIGILL"}
     # every later load in a new process reads that verdict: LlamaLLM loads with the buffer types off
     monkeypatch.setattr(probe_mod, "_verdict", None)
@@ -57,9 +67,10 @@ def test_probe_child_killed_by_sigill_turns_extra_buffer_types_off(tmp_path, mon
     assert probe_mod.extra_buffer_types_allowed() is True
 
 
-def test_probe_child_that_fails_without_a_signal_is_not_cached(tmp_path):
-    cache = tmp_path / "probe.json"
-    r = probe_mod.probe([sys.executable, "-c", "import sys; sys.exit('broken install')"], cache=cache)
+def test_probe_child_that_fails_without_a_signal_is_not_cached(tmp_path, monkeypatch):
+    cache = _cache(tmp_path, monkeypatch)
+    _child(monkeypatch, [sys.executable, "-c", "import sys; sys.exit('broken install')"])
+    r = probe_mod.probe()
     assert r.ok and r.outcome.startswith("error: exit status 1") and "broken install" in r.outcome
     assert not cache.exists()
 

@@ -80,9 +80,8 @@ def request_positions(req: SeqRequest) -> int:
 
 
 class BatchDecoder:
-    def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, capacity: int | None = None,
-                 ignore_eos: bool = False):
-        """`llm`: a LlamaLLM with n_seq_max >= n_seq. `capacity`: KV cells usable (default n_ctx).
+    def __init__(self, llm, prefix: Sequence[int], *, n_seq: int, ignore_eos: bool = False):
+        """`llm`: a LlamaLLM with n_seq_max >= n_seq; its n_ctx cells hold the prefix and the sequences.
         `ignore_eos`: end-of-generation tokens are never sampled, so every answer runs to its
         max_tokens (llama.cpp's --ignore-eos: benchmarks compare equal amounts of work)."""
         if n_seq < 1:
@@ -90,7 +89,7 @@ class BatchDecoder:
         self.llm = llm
         self.n_seq = n_seq
         self.prefix = list(prefix)
-        self.capacity = (capacity or llm.n_ctx) - len(self.prefix)
+        self.capacity = llm.n_ctx - len(self.prefix)
         self.free = list(range(n_seq - 1, -1, -1))   # slots (= sequence ids), popped from the end
         self.active: dict[int, _Seq] = {}
         self.reserved = 0                            # KV cells promised to active sequences

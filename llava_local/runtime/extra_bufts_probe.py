@@ -105,10 +105,10 @@ def child_command() -> list[str]:
     return [sys.executable, "-m", "llava_local.runtime.extra_bufts_probe", "--child"]
 
 
-def run_probe(cmd: list[str] | None = None, *, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
-    """Run the child (default: this module with --child) and judge how it ended. Not cached."""
+def run_probe(*, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
+    """Run the child (this module with --child) and judge how it ended. Not cached."""
     try:
-        proc = subprocess.run(cmd or child_command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.run(child_command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ProbeResult(True, f"error: no answer in {timeout:.0f} s")
@@ -126,14 +126,14 @@ def run_probe(cmd: list[str] | None = None, *, timeout: float = PROBE_TIMEOUT_S)
     return ProbeResult(True, f"error: exit status {proc.returncode}: {tail[0]}")
 
 
-def probe(cmd: list[str] | None = None, *, cache: Path | None = None) -> ProbeResult:
+def probe() -> ProbeResult:
     """The cached verdict for this CPU and llama.cpp build, running the child when there is none."""
-    path = cache or cache_dir() / CACHE_FILE
+    path = cache_dir() / CACHE_FILE
     key = probe_key()
     known = _read_cache(path).get(key)
     if isinstance(known, str):
         return ProbeResult(known == "ok", known, cached=True)
-    result = run_probe(cmd)
+    result = run_probe()
     if result.outcome.startswith("error"):
         log.warning("extra buffer types probe failed (%s); keeping llama.cpp's default", result.outcome)
     else:
