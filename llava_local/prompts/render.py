@@ -10,6 +10,7 @@ conversation is dropped for the named template with a warning, so the model stil
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import signal
@@ -26,11 +27,12 @@ MAX_RENDER_CHARS = 1_000_000     # a prompt longer than this is no chat prompt
 RENDER_SECONDS = 2.0             # wall-clock limit for one render (main thread only: SIGALRM)
 
 
-class PromptFormat:
+class PromptFormat(abc.ABC):
     name: str
 
+    @abc.abstractmethod
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
-        raise NotImplementedError
+        """The conversation as one string: images as IMAGE_MARKER, BOS/EOS as their token texts."""
 
 
 @dataclass

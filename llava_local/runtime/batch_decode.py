@@ -35,7 +35,7 @@ import numpy as np
 
 from llava_local.errors import LlavaLocalError
 from llava_local.runtime.context_fit import check_fit
-from llava_local.runtime.generate import eog_ids, next_token
+from llava_local.runtime.generate import next_token
 from llava_local.runtime.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class BatchDecoder:
         self.free = list(range(n_seq - 1, -1, -1))   # slots (= sequence ids), popped from the end
         self.active: dict[int, _Seq] = {}
         self.reserved = 0                            # KV cells promised to active sequences
-        self._eog = eog_ids(llm) if ignore_eos else None
+        self._eog = llm.eog_ids if ignore_eos else None
         self.reset()
 
     # --- state ---

@@ -33,11 +33,6 @@ def prefill(llm, text_parts: Sequence[Sequence[int]], embeds: Sequence[np.ndarra
     return llm.n_past - n0
 
 
-def eog_ids(llm) -> np.ndarray:
-    """Every end-of-generation token of the vocabulary (masked out when ignoring EOS)."""
-    return np.array([t for t in range(llm.n_vocab) if llm.is_eog(t)], np.int64)
-
-
 def next_token(llm, sampler: Sampler, logits: np.ndarray, history: list[int], *,
                eog_mask: np.ndarray | None = None) -> int | None:
     """The stop rule shared by every loop: the sampled token, or None at the end of generation.
@@ -59,7 +54,7 @@ class Decode:
                  should_stop: Callable[[], bool] | None = None):
         self.llm, self.sampler, self.max_tokens = llm, sampler, max_tokens
         self.should_stop = should_stop          # polled before each token (a signal handler sets it)
-        self._eog = eog_ids(llm) if ignore_eos else None
+        self._eog = llm.eog_ids if ignore_eos else None
         self.tokens: list[int] = []
         self.n_evaluated = 0                    # answer tokens in the KV cache
         self.finish_reason = "interrupted"      # unless the loop ends otherwise

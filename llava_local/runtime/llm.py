@@ -11,13 +11,14 @@ one context, one sequence whose KV cache we manage ourselves (so a chat session 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from llava_local.errors import ContextOverflowError, ModelFilesError
+from llava_local.errors import ContextOverflowError, LlavaLocalError, ModelFilesError
 from llava_local.llama_lib import llama_cpp_lib
 from llava_local.runtime.context_fit import check_fit
 from llava_local.runtime.extra_bufts_probe import extra_buffer_types_allowed
@@ -112,6 +113,11 @@ class LlamaLLM:
     def eos(self) -> int:
         return self._L.llama_vocab_eos(self.vocab)
 
+    @functools.cached_property
+    def eog_ids(self) -> np.ndarray:
+        """Every end-of-generation token of the vocabulary (masked out when ignoring EOS)."""
+        return np.array([t for t in range(self.n_vocab) if self.is_eog(t)], np.int64)
+
     def is_eog(self, token: int) -> bool:
         return bool(self._L.llama_vocab_is_eog(self.vocab, token))
 
@@ -202,10 +208,12 @@ class LlamaLLM:
         """Run llama_decode on a filled batch; logits of the rows flagged in `batch.logits` follow."""
         rc = self._L.llama_decode(self.ctx, batch.struct)
         self.n_decode_calls += 1
+        if rc == 1:
+            raise ContextOverflowError(f"llama_decode found no KV cache slot at position {self.n_past} "
+                                       f"(n_ctx {self.n_ctx}): raise --ctx")
         if rc != 0:
-            why = "no KV cache slot" if rc == 1 else "invalid batch" if rc == -1 else "fatal"
-            raise ContextOverflowError(f"llama_decode failed with code {rc} ({why}) at position {self.n_past} "
-                                       f"(n_ctx {self.n_ctx})")
+            raise LlavaLocalError(f"llama_decode failed with code {rc} "
+                                  f"({'invalid batch' if rc == -1 else 'fatal'}) at position {self.n_past}")
 
     def logits_view(self, i: int) -> np.ndarray:
         """Row i's logits as a view of llama.cpp's buffer: valid until the next decode, never written."""
