@@ -31,3 +31,7 @@ class TemplateError(LlavaLocalError):
 
 class BackendUnavailableError(LlavaLocalError):
     """A requested vision backend cannot run here (missing package or build)."""
+
+
+class StructuredOutputError(LlavaLocalError):
+    """A JSON-schema answer was cut before the JSON closed, or is not valid against the schema."""

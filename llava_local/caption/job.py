@@ -71,7 +71,7 @@ class CaptionConfig:
     vision_backend: str        # as resolved (never "auto"): backends differ (mtmd has upstream #25814)
     vision_device: str         # "cpu" or "gpu", as resolved: kernels differ in rounding
     llm_device: str            # "cpu" or "gpu" (any layer offloaded), as resolved
-    sampling: dict             # SamplingParams fields + max_tokens
+    sampling: dict             # SamplingParams fields + max_tokens (+ ignore_eos, json_schema when set)
 
     def fingerprint(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False)
@@ -91,7 +91,8 @@ def caption_config(worker: WorkerConfig) -> CaptionConfig:
                          vision_backend=eng.vision_backend, vision_device=eng.vision_device,
                          llm_device=llm_device(worker),
                          sampling={**dataclasses.asdict(worker.sampling), "max_tokens": worker.max_tokens,
-                                   **({"ignore_eos": True} if worker.ignore_eos else {})})
+                                   **({"ignore_eos": True} if worker.ignore_eos else {}),
+                                   **({"json_schema": worker.json_schema} if worker.json_schema is not None else {})})
 
 
 # --------------------------------------------------------------------------------------------------

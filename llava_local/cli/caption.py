@@ -14,7 +14,8 @@ from llava_local.caption.job import CaptionJob, run_job
 from llava_local.caption.supervisor import STALL_TIMEOUT_S
 from llava_local.caption.worker import WorkerConfig
 from llava_local.cli.errors import domain_errors
-from llava_local.cli.options import engine_options, model_options, pair_from, sampling_from, sampling_options, status
+from llava_local.cli.options import (engine_options, model_options, output_from, pair_from, sampling_from,
+                                     sampling_options, status)
 from llava_local.errors import LlavaLocalError
 from llava_local.logs import setup_logging
 from llava_local.prompts.presets import PROMPTS
@@ -68,6 +69,9 @@ def caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, e
     job (this run and earlier ones), capped at 100; 130 when interrupted. An error that stops the
     whole job (model files, unwritable output) prints one "Error:" line and exits 1.
 
+    With --json-schema every caption is JSON valid against the schema: the record keeps the text as
+    "caption" and the parsed object as "json"; an answer cut by --max-tokens is an error record.
+
     \b
     Examples:
       llava-local caption photos/ -o captions.jsonl
@@ -76,6 +80,7 @@ def caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, e
       llava-local caption meta.jsonl --path-field image --key-field id --csv captions.csv
       llava-local caption photos/ --shard 0/4 -o part0.jsonl           # machine 1 of 4
       llava-local caption photos/ --retry-failed                       # resume, redoing errors
+      llava-local caption photos/ --json-schema shape.schema.json      # records carry "json"
     """
     code = domain_errors(_caption)(inputs, output, prompt, prompt_file, preset, parallel, io_threads, extensions,
                                    path_field, key_field, shard, retry_failed, overwrite, csv_path, sidecar,
@@ -103,6 +108,7 @@ def _caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, 
         raise LlavaLocalError(f"--sidecar-ext {sidecar_ext!r}: expected an extension such as .txt")
     shard_spec = parse_shard(shard) if shard else None
     sampling = sampling_from(kw)
+    json_output = output_from(kw)                     # the schema checked before the model loads
     pair = pair_from(kw)                              # model files checked before any image is read
     exts = {"extensions": [e.strip() for e in extensions.split(",") if e.strip()]} if extensions else {}
     items = discover_inputs(inputs, path_field=path_field, key_field=key_field, **exts)
@@ -110,7 +116,8 @@ def _caption(inputs, output, prompt, prompt_file, preset, parallel, io_threads, 
         raise LlavaLocalError(f"no images found in {', '.join(inputs)}")
     worker = WorkerConfig(llm_path=str(pair.llm_path), mmproj_path=str(pair.mmproj_path), prompt=prompt,
                           system=kw["system"], sampling=sampling, max_tokens=kw["max_tokens"], parallel=parallel,
-                          io_threads=io_threads, engine=engine_options(kw))
+                          io_threads=io_threads, engine=engine_options(kw),
+                          json_schema=json_output.schema if json_output is not None else None)
     job = CaptionJob(items, Path(output), worker, retry_failed=retry_failed, overwrite=overwrite, shard=shard_spec,
                      csv_path=Path(csv_path) if csv_path else None, sidecar_ext=sidecar_ext if sidecar else None,
                      stall_timeout=stall_timeout, pair=pair)

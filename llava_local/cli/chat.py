@@ -2,6 +2,7 @@
 
 The REPL keeps the conversation in llama.cpp's KV cache (each turn evaluates only its new text) and
 images in an embedding cache; Ctrl-C stops an answer and keeps the session, Ctrl-D leaves.
+With --json-schema every answer is JSON valid against the schema (one-shot: printed compact).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import click
 
 from llava_local.cli.errors import domain_errors
-from llava_local.cli.options import engine_from, model_options, pair_from, sampling_from, sampling_options, status
+from llava_local.cli.options import (engine_from, model_options, output_from, pair_from, sampling_from,
+                                     sampling_options, status)
 from llava_local.errors import LlavaLocalError
 from llava_local.logs import setup_logging
 
@@ -77,8 +79,9 @@ def _format_stats(session) -> str:
     return "\n".join(lines)
 
 
-def stream_answer(session, text: str, images, *, verbose: bool) -> None:
-    """Print the answer as it comes; Ctrl-C stops it (the session stays usable)."""
+def stream_answer(session, text: str, images, *, verbose: bool, output=None) -> None:
+    """Print the answer as it comes; Ctrl-C stops it (the session stays usable). `output`: a
+    JsonOutput the answer keeps to (an answer cut or invalid ends with its error)."""
     previous = signal.getsignal(signal.SIGINT)
     interrupted = []
 
@@ -88,10 +91,16 @@ def stream_answer(session, text: str, images, *, verbose: bool) -> None:
     in_main = hasattr(signal, "SIGINT") and _is_main_thread()
     if in_main:
         signal.signal(signal.SIGINT, on_sigint)
+    printed = False
     try:
-        for piece in session.send(text, images):
+        for piece in session.send(text, images, output=output):
             click.echo(piece, nl=False)
             sys.stdout.flush()
+            printed = True
+    except LlavaLocalError:
+        if printed:              # end the answer's line before the error
+            click.echo("")
+        raise
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
@@ -141,7 +150,7 @@ def _ctrl_c_interrupts() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def repl(session, first_images: list, *, verbose: bool) -> None:
+def repl(session, first_images: list, *, verbose: bool, output=None) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()
@@ -196,7 +205,7 @@ def repl(session, first_images: list, *, verbose: bool) -> None:
                 else:
                     raise LlavaLocalError(f"unknown command {cmd} (try /help)")
                 continue
-            stream_answer(session, line, pending, verbose=verbose)
+            stream_answer(session, line, pending, verbose=verbose, output=output)
             pending = []
         except LlavaLocalError as exc:
             status(f"Error: {exc}")
@@ -206,7 +215,9 @@ def repl(session, first_images: list, *, verbose: bool) -> None:
 @click.argument("images", nargs=-1, type=str)
 @click.option("-p", "--prompt", default=None,
               help="Answer this one question and exit (no REPL). Use '-' (or a '-' argument) to read it from stdin.")
-@click.option("--json", "as_json", is_flag=True, help="One-shot: print a JSON record with timings and token counts.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One-shot: print a JSON record with timings and token counts (and the --json-schema answer "
+                   "parsed, under \"json\").")
 @model_options
 @sampling_options
 def chat(images, prompt, as_json, **kw):
@@ -220,6 +231,7 @@ def chat(images, prompt, as_json, **kw):
       llava-local chat -p "What is in the picture?" photo.jpg > answer.txt
       echo "How many people?" | llava-local chat - group.jpg
       llava-local chat --model out/ --json -p "Describe it." photo.jpg
+      llava-local chat --json-schema shape.schema.json -p "Describe it." photo.jpg   # one JSON line
       llava-local chat --hf-repo owner/llava-1.5-7b-gguf --hf-quant Q4_K_M photo.jpg
     """
     domain_errors(_chat)(images, prompt, as_json, kw)
@@ -234,6 +246,7 @@ def _chat(images, prompt, as_json, kw):
         raise LlavaLocalError("empty prompt")
     from llava_local.image.load import load_image
     sampling = sampling_from(kw)
+    output = output_from(kw)                         # the schema checked before anything loads
     pair = pair_from(kw)                             # model files checked first (RELIABILITY.md)
     loaded = [load_image(p) for p in paths]          # then every image, before the model loads
     # one question: start-up dominates, so the resolver picks the backend that loads fastest
@@ -242,10 +255,15 @@ def _chat(images, prompt, as_json, kw):
         session = engine.chat_session(system=kw["system"], sampling=sampling, max_tokens=kw["max_tokens"])
         if prompt is not None:
             if as_json:
-                ans = session.ask(prompt, loaded)
-                click.echo(json.dumps({"text": ans.text, "n_prompt_tokens": ans.n_prompt_tokens,
-                                       "n_tokens": len(ans.tokens), "finish_reason": ans.finish_reason,
-                                       "timings": ans.timings}))
+                ans = session.ask(prompt, loaded, output=output)
+                click.echo(json.dumps({"text": ans.text, **({"json": ans.json} if output is not None else {}),
+                                       "n_prompt_tokens": ans.n_prompt_tokens, "n_tokens": len(ans.tokens),
+                                       "finish_reason": ans.finish_reason, "timings": ans.timings}))
+            elif output is not None:
+                ans = session.ask(prompt, loaded, output=output)
+                click.echo(json.dumps(ans.json, ensure_ascii=False, separators=(",", ":")))
+                if kw["verbose"]:
+                    status(_format_stats(session))
             else:
                 stream_answer(session, prompt, loaded, verbose=kw["verbose"])
             return
@@ -253,6 +271,6 @@ def _chat(images, prompt, as_json, kw):
             status(f"llava-local chat · {engine.pair.llm_path.name} · vision {engine.vision.name} · "
                    f"n_ctx {engine.llm.n_ctx}" + (f" · {len(loaded)} image(s) attached" if loaded else ""))
             status("Type a message, /help for commands, Ctrl-D to quit.")
-        repl(session, loaded, verbose=kw["verbose"])
+        repl(session, loaded, verbose=kw["verbose"], output=output)
     finally:
         engine.close()

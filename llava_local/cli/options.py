@@ -66,6 +66,9 @@ def sampling_options(fn):
         click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same answer)."),
         click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True),
         click.option("--system", default=None, help="Replace the template's system prompt."),
+        click.option("--json-schema", metavar="FILE", default=None,
+                     help="Answer in JSON valid against this JSON schema (a llama.cpp grammar constrains "
+                          "decoding); an answer cut by --max-tokens is an error, never half a JSON."),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(opts), fn)
 
@@ -73,6 +76,14 @@ def sampling_options(fn):
 def sampling_from(kw: dict) -> SamplingParams:
     return SamplingParams(temperature=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"],
                           repeat_penalty=kw["repeat_penalty"], seed=kw["seed"]).validate()
+
+
+def output_from(kw: dict):
+    """--json-schema as a JsonOutput (the schema checked and converted now, before any model loads), or None."""
+    if kw["json_schema"] is None:
+        return None
+    from llava_local.runtime.grammar import JsonOutput
+    return JsonOutput.from_file(kw["json_schema"])
 
 
 def pair_from(kw: dict):
