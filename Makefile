@@ -8,7 +8,7 @@ SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # the CPU wheel; for CUDA/Metal see README ("GPU builds")
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install deps demo test lint test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo
+.PHONY: install deps demo test lint test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo browser
 
 install deps: $(STAMP) $(SMOLLM2)
 
@@ -36,8 +36,13 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(PY) -m pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 llava_local convert train bench
 
-test-slow: deps upstream-tools
+test-slow: deps upstream-tools browser
 	$(PY) -m pytest -q -m slow
+
+# the chat page test drives Debian's chromium (playwright with the system browser: nothing downloaded)
+browser:
+	@test -x /usr/bin/chromium || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+	  || { echo "tests/test_server_page.py needs Debian's chromium: apt-get install chromium"; exit 1; }
 
 # upstream llama.cpp's llama-mtmd-cli and llama-quantize, built once from the pinned llama-cpp-python's
 # vendored llama.cpp (bench/build_upstream.sh): the slow tests run our files in them

@@ -139,7 +139,7 @@ def run_variant(name: str, opts: dict, model: str, mmproj: str, timeout: float) 
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
         err = err.decode(errors="replace") if isinstance(err, bytes) else err
     steps = [ln[5:] for ln in out.splitlines() if ln.startswith("STEP ")]
-    from llava_local.caption.supervisor import signal_name   # here: a child imports nothing it does not test
+    from llava_local.procs import signal_name   # here: a child imports nothing it does not test
     status = "timeout" if rc is None else signal_name(rc).replace("exit status", "exit")   # "exit 0", "SIGSEGV"
     return {"variant": name, "status": status, "ok": rc == 0, "last_step": steps[-1] if steps else "(none)",
             "steps": steps, "seconds": round(time.perf_counter() - t0, 2),

@@ -59,7 +59,7 @@ from gpu_check_parity import (Result, check_build, check_demo, check_llm_top1, c
                               check_vision_parity)
 from gpu_check_speed import check_caption_throughput, check_chat, check_encoder_throughput  # noqa: E402
 
-from llava_local.caption.supervisor import signal_name  # noqa: E402
+from llava_local.procs import signal_name  # noqa: E402
 
 MODEL_DIR = REPO / ".cache" / "gpu-check"
 # Test-only fault injection (tests/test_gpu_check.py): the child running this check kills itself with

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llava_local.caption.supervisor import signal_name
+from llava_local.procs import signal_name
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_LAYERS = 999                    # every layer on the GPU (explicit: engine defaults may change)

@@ -8,6 +8,7 @@
         print(piece, end="", flush=True)
     for piece in s.send("And the colours?"):      # the image stays in the KV cache
         print(piece, end="", flush=True)
+    m.ask("photo.jpg", "Describe it.", json_schema={"type": "object", ...})   # -> the parsed, validated object
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import os
 from typing import Iterator
 
 from llava_local.errors import (BackendUnavailableError, ContextOverflowError, ConversionError,  # noqa: F401
-                                ImageError, LlavaLocalError, ModelFilesError, TemplateError)
+                                ImageError, LlavaLocalError, ModelFilesError, StructuredOutputError, TemplateError)
 
-__all__ = ["load", "Model", "LlavaLocalError", "ModelFilesError", "ImageError", "ContextOverflowError"]
+__all__ = ["load", "Model", "LlavaLocalError", "ModelFilesError", "ImageError", "ContextOverflowError",
+           "StructuredOutputError"]
 
 
 class Model:
@@ -35,11 +37,16 @@ class Model:
         return [image]
 
     def ask(self, image, question: str, *, max_tokens: int = 256, temperature: float = 0.0,
-            seed: int | None = None, system: str | None = None) -> str:
-        """Answer one question about an image (a path, bytes, a PIL image, a list of them, or None)."""
+            seed: int | None = None, system: str | None = None, json_schema: dict | None = None):
+        """Answer one question about an image (a path, bytes, a PIL image, a list of them, or None).
+        With `json_schema`, the answer is constrained to it and returned parsed and validated (a
+        StructuredOutputError when max_tokens cuts it)."""
+        from llava_local.runtime.grammar import JsonOutput
         from llava_local.runtime.sampling import SamplingParams
-        return self.engine.ask(question, self._images(image), system=system, max_tokens=max_tokens,
-                               sampling=SamplingParams(temperature=temperature, seed=seed)).text
+        answer = self.engine.ask(question, self._images(image), system=system, max_tokens=max_tokens,
+                                 sampling=SamplingParams(temperature=temperature, seed=seed),
+                                 output=JsonOutput(json_schema) if json_schema is not None else None)
+        return answer.json if json_schema is not None else answer.text
 
     def stream(self, image, question: str, **kw) -> Iterator[str]:
         """Like ask, yielding text pieces as they are generated."""

@@ -66,13 +66,14 @@ def test_only_the_llm_module_builds_batches_and_decodes():
 
 def test_one_decode_loop():
     """Sampling from the last logits and the end-of-generation rule live in runtime/generate.py; the
-    batched decoder uses its `next_token`, everything else its `Decode`."""
+    batched decoder uses its `next_token`, everything else its `Decode`. The engine only builds
+    samplers (with a grammar for structured output) for those loops."""
     assert set(_where({"is_eog"})) <= {"llava_local/runtime/llm.py", "llava_local/runtime/generate.py",
                                        "llava_local/eval/quant_eval.py"}   # there: where a reference answer ends
     samplers = _where({"Sampler"}, packages=("llava_local", "convert"))
     decoders = _where({"Decode", "next_token", "BatchDecoder"})
     for module in samplers:
-        assert module in decoders or module.endswith(("/sampling.py", "/generate.py")), module
+        assert module in decoders or module.endswith(("/sampling.py", "/generate.py", "runtime/engine.py")), module
 
 
 def test_one_prompt_builder():

@@ -17,8 +17,6 @@ image's fault), as do MAX_DEATHS_IN_A_ROW images in a row that each killed it al
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from llava_local.caption.worker import CaptionItem, WorkerConfig, worker_main
 from llava_local.errors import LlavaLocalError
+from llava_local.procs import signal_name, spawn
 
 if TYPE_CHECKING:
     from llava_local.runtime.model_pair import ModelPair
@@ -39,18 +38,6 @@ STALL_TIMEOUT_S = 1800.0      # no record for this long: the worker is hung (a 7
 
 class WorkerStartError(LlavaLocalError):
     """The worker process could not load the model."""
-
-
-def signal_name(exitcode: int | None) -> str:
-    """How a process ended: "SIGABRT", "exit status 1" (benches name their children's ends with it too)."""
-    if exitcode is None:
-        return "unknown status"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit status {exitcode}"
 
 
 @dataclass
@@ -75,18 +62,13 @@ class WorkerSupervisor:
         self.on_ready = on_ready
         self.stall_timeout = stall_timeout
         self.stats = SupervisorStats()
-        self._mp = multiprocessing.get_context("spawn")
         self._proc = None
         self._conn = None
 
     # --- process management ---
     def _start(self) -> None:
-        parent, child = self._mp.Pipe()
         t0 = time.perf_counter()
-        proc = self._mp.Process(target=worker_main, args=(child, self.cfg, self.pair),
-                                name="llava-local-caption-worker", daemon=True)
-        proc.start()
-        child.close()
+        proc, parent = spawn(worker_main, (self.cfg, self.pair), "llava-local-caption-worker")
         self._proc, self._conn = proc, parent
         try:
             while True:

@@ -12,11 +12,12 @@ process that the supervisor (supervisor.py) restarts. This module is what runs i
 Images are decoded and squared (LLaVA's pad + resize) by a thread pool, encoded by the vision
 backend in batches, and captioned by `BatchDecoder` (`parallel` sequences per llama.cpp batch, the
 prompt prefix shared in the KV cache). `resolve_worker` decides "auto" placement in the job's
-process, so that the records and every restarted worker name and run the same thing.
+process, so that the records and every restarted worker name and run the same thing. With
+`json_schema` every sequence samples through a grammar of its own and its record carries the parsed
+object ("json"); an answer cut by max_tokens or not valid against the schema is an error record.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -29,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from llava_local.errors import LlavaLocalError
+from llava_local.errors import LlavaLocalError, StructuredOutputError
 from llava_local.logs import setup_logging
+from llava_local.procs import die_with_parent
 from llava_local.runtime.options import EngineOptions
 from llava_local.runtime.sampling import SamplingParams
 
@@ -61,6 +63,7 @@ class WorkerConfig:
     # n_seq_max (= parallel) and workload ("batch") itself.
     engine: EngineOptions = EngineOptions()
     ignore_eos: bool = False        # benchmarks: every caption runs to max_tokens (batch_decode.py)
+    json_schema: dict | None = None  # answers kept to this JSON schema (runtime/grammar.py); records carry "json"
 
 
 def item_seed(seed: int | None, key: str) -> int | None:
@@ -111,8 +114,10 @@ class _Worker:
         from llava_local.runtime.batch_decode import BatchDecoder
         from llava_local.runtime.context_fit import check_fit
         from llava_local.runtime.engine import Engine
+        from llava_local.runtime.grammar import JsonOutput
 
         self.cfg = cfg
+        self.output = JsonOutput(cfg.json_schema) if cfg.json_schema is not None else None
         n_ctx = cfg.engine.n_ctx or _context_size(cfg, pair.image_tokens)
         self.engine = Engine(pair, cfg.engine, n_ctx=n_ctx, n_seq_max=cfg.parallel, workload="batch")
         llm = self.engine.llm
@@ -171,7 +176,6 @@ class _Worker:
     def _admit(self, pending: deque) -> list[dict]:
         """Start as many loaded images as there is room for; return records of those that failed."""
         from llava_local.runtime.batch_decode import SeqRequest
-        from llava_local.runtime.sampling import Sampler
         out, batch = [], []
         room = min(self.decoder.n_free, (self.decoder.capacity - self.decoder.reserved) // self.per_item)
         while pending and len(batch) < room:
@@ -197,7 +201,8 @@ class _Worker:
                 out.append(self._error(item, f"{item.path}: vision encoder failed ({emb})"))
                 continue
             params = replace(sampling, seed=item_seed(sampling.seed, item.key))
-            self.decoder.admit(SeqRequest(item.key, [emb, self.suffix], Sampler(params), self.cfg.max_tokens))
+            sampler = self.engine.sampler(params, self.output)     # a grammar per sequence, with a schema
+            self.decoder.admit(SeqRequest(item.key, [emb, self.suffix], sampler, self.cfg.max_tokens))
             self.meta[item.key] = (item, load_s, enc_s)
         return out
 
@@ -223,31 +228,28 @@ class _Worker:
 
     def _record(self, res) -> dict:
         item, load_s, enc_s = self.meta.pop(res.key)
-        return {"key": item.key, "path": item.path, "status": "ok", "caption": res.text, "error": None,
-                "n_tokens": len(res.tokens), "finish_reason": res.finish_reason,
-                "n_prompt_tokens": len(self.prefix) + res.n_prompt,
-                "timings": {"load_s": round(load_s, 4), "encode_s": round(enc_s, 4),
-                            "generate_s": round(res.seconds, 4)}}
+        stats = {"n_tokens": len(res.tokens), "finish_reason": res.finish_reason,
+                 "n_prompt_tokens": len(self.prefix) + res.n_prompt,
+                 "timings": {"load_s": round(load_s, 4), "encode_s": round(enc_s, 4),
+                             "generate_s": round(res.seconds, 4)}}
+        parsed = {}
+        if self.output is not None:
+            try:
+                parsed["json"] = self.output.parse(res.text, res.finish_reason)
+            except StructuredOutputError as exc:
+                return self._error(item, f"{item.path}: {exc}", **stats)
+        return {"key": item.key, "path": item.path, "status": "ok", "caption": res.text, **parsed, "error": None,
+                **stats}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the job process dies (even by SIGKILL), so none is orphaned."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
 def worker_main(conn, cfg: WorkerConfig, pair: ModelPair) -> None:
     """Entry point of the worker process; `pair` was resolved by the job (it pickles: plain data)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the job's to handle
-    _die_with_parent()
+    die_with_parent()
     setup_logging(cfg.engine.verbose)
     try:
         worker = _Worker(cfg, pair)

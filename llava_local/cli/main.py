@@ -47,6 +47,7 @@ datagen = _LazyCommand("datagen", "llava_local.cli.eval:datagen")
 eval_cmd = _LazyCommand("eval", "llava_local.cli.eval:eval_cmd")
 eval_quant = _LazyCommand("eval-quant", "llava_local.cli.quantize:eval_quant")
 quantize = _LazyCommand("quantize", "llava_local.cli.quantize:quantize")
+serve = _LazyCommand("serve", "llava_local.cli.serve:serve")
 train_group = _LazyCommand("train", "train.cli:train")   # train/ installs with the package; torch loads lazily
 
 log = logging.getLogger("llava_local")
@@ -166,6 +167,7 @@ main.add_command(quantize)
 main.add_command(eval_quant)
 main.add_command(eval_cmd)
 main.add_command(datagen)
+main.add_command(serve)
 main.add_command(train_group, name="train")
 
 

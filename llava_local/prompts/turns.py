@@ -50,8 +50,11 @@ class PromptBuilder:
 
     def split(self, text: str, *, at_start: bool) -> list[list[int]]:
         """Ids of the text parts around the images of a rendered string (n images: n + 1 parts)."""
-        pieces = text.split(IMAGE_MARKER)
-        return [self.tokenize(p, at_start=at_start and i == 0) for i, p in enumerate(pieces)]
+        return [ids for _, ids in self.pieces(text, at_start=at_start)]
+
+    def pieces(self, text: str, *, at_start: bool) -> list[tuple[str, list[int]]]:
+        """(text, ids) of the text parts around the images of a rendered string."""
+        return [(p, self.tokenize(p, at_start=at_start and i == 0)) for i, p in enumerate(text.split(IMAGE_MARKER))]
 
     def parts(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
               n_images: int | None = None) -> list[list[int]]:
@@ -63,6 +66,25 @@ class PromptBuilder:
     def ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """A text-only conversation's ids (the teacher's and the judge's prompts)."""
         return self.parts(messages, add_generation_prompt=add_generation_prompt, n_images=0)[0]
+
+
+ANSWER_SENTINEL = "\x00answer\x00"   # stands for the answer when finding the template's end-of-turn text
+
+
+def answer_span(builder: PromptBuilder, messages: Sequence[Message], answer: str) -> tuple[str, str] | None:
+    """How the template writes `answer` after the generation prompt of `messages`: (the text that
+    stands for it right after `builder.render(messages)`, the text that closes the turn), or None
+    when the template does not extend the prompt that way (then a cache cannot be extended by text)."""
+    prompt = builder.render(messages)
+    probe = builder.render(list(messages) + [Message("assistant", ANSWER_SENTINEL)], add_generation_prompt=False)
+    if not probe.startswith(prompt) or probe.count(ANSWER_SENTINEL) != 1:
+        return None
+    after = probe.split(ANSWER_SENTINEL, 1)[1]
+    closed = builder.render(list(messages) + [Message("assistant", answer)], add_generation_prompt=False)
+    if not closed.startswith(prompt) or not closed.endswith(after) or IMAGE_MARKER in after \
+            or len(closed) < len(prompt) + len(after):
+        return None
+    return closed[len(prompt):len(closed) - len(after)], after
 
 
 def check_images(text: str, n_images: int | None) -> None:

@@ -11,6 +11,10 @@ costs little more than one token on its own: the weights are read once for the w
 Continuous batching: when a sequence finishes its cells after the prefix are freed
 (`llama_memory_seq_rm`) and the next image takes its slot.
 
+The server keeps conversations instead (no shared prefix): a request names its slot, the positions
+of that slot's cache it extends (`start`: the conversation so far) and `keep=True`, so its cells stay
+after it finishes, held by the idle slot until a later turn extends them or `evict` frees them.
+
     llm = LlamaLLM(path, n_ctx=4096, n_seq_max=8)
     dec = BatchDecoder(llm, prefix_tokens, n_seq=8)
     results = dec.generate([SeqRequest("a.jpg", [embd_a, suffix], Sampler(params), max_tokens=64), ...])
@@ -29,7 +33,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,9 +50,13 @@ Part = list | np.ndarray   # token ids, or (n, n_embd) float32 embeddings (an im
 @dataclass
 class SeqRequest:
     key: str
-    parts: Sequence[Part]     # what follows the shared prefix, in order
+    parts: Sequence[Part]     # what follows the shared prefix (or `start`), in order
     sampler: Sampler
     max_tokens: int
+    slot: int | None = None   # the sequence to run in (None: any free one)
+    start: int | None = None  # positions of the slot's cache it extends (None: just the shared prefix)
+    keep: bool = False        # keep the cells when finished (a conversation's next turn extends them)
+    on_token: Callable[[int], bool] | None = None   # called with each token; True stops the answer there
 
 
 @dataclass
@@ -56,10 +64,12 @@ class SeqResult:
     key: str
     tokens: list[int]
     text: str
-    finish_reason: str        # "stop" (end-of-generation token) | "length" (max_tokens)
+    finish_reason: str        # "stop" (end-of-generation token, or on_token said so) | "length" | "cancelled"
     n_prompt: int             # positions evaluated for this sequence, shared prefix excluded
     seconds: float            # admitted -> finished (wall time, shared with the batch)
     request: SeqRequest = field(repr=False, default=None)
+    prompt_end: int = 0       # positions of the sequence once its prompt was evaluated
+    n_cached: int = 0         # positions in its cache when it finished (the answer's evaluated tokens too)
 
 
 @dataclass
@@ -72,6 +82,8 @@ class _Seq:
     pending: int | None = None                # sampled, not yet evaluated
     t0: float = 0.0
     n_prompt: int = 0
+    prompt_end: int = 0
+    cells: int = 0                            # KV cells promised to it beyond the shared prefix
 
 
 def request_positions(req: SeqRequest) -> int:
@@ -93,6 +105,7 @@ class BatchDecoder:
         self.free = list(range(n_seq - 1, -1, -1))   # slots (= sequence ids), popped from the end
         self.active: dict[int, _Seq] = {}
         self.reserved = 0                            # KV cells promised to active sequences
+        self.held: dict[int, int] = {}               # cells (beyond the prefix) kept by idle slots
         self._eog = llm.eog_ids if ignore_eos else None
         self.reset()
 
@@ -104,6 +117,7 @@ class BatchDecoder:
         self.free = list(range(self.n_seq - 1, -1, -1))
         self.active.clear()
         self.reserved = 0
+        self.held.clear()
         if self.prefix:
             for i in range(0, len(self.prefix), self.llm.n_batch):
                 chunk = self.prefix[i:i + self.llm.n_batch]
@@ -118,23 +132,58 @@ class BatchDecoder:
     def n_free(self) -> int:
         return len(self.free)
 
+    def _cells(self, req: SeqRequest) -> int:
+        """KV cells beyond the shared prefix the request's sequence may use: what it extends, then its worst case."""
+        start = len(self.prefix) if req.start is None else req.start
+        return start - len(self.prefix) + request_positions(req)
+
+    def _slot_free(self, req: SeqRequest) -> bool:
+        return req.slot in self.free if req.slot is not None else bool(self.free)
+
     def fits(self, req: SeqRequest) -> bool:
-        """A free slot and room in the KV cache for this request's worst case."""
-        return bool(self.free) and self.reserved + request_positions(req) <= self.capacity
+        """A free slot (the one asked for) and room in the KV cache for this request's worst case;
+        the cells of idle slots count as used until `evict` frees them."""
+        held = sum(n for s, n in self.held.items() if s != req.slot)
+        return self._slot_free(req) and self.reserved + held + self._cells(req) <= self.capacity
 
     def admit(self, req: SeqRequest) -> None:
+        start = len(self.prefix) if req.start is None else req.start
+        parts = [p for p in req.parts if len(p)]
+        if not parts or not isinstance(parts[-1], list):
+            raise LlavaLocalError(f"{req.key}: a prompt must end with text tokens")
+        images = [len(p) for p in parts if isinstance(p, np.ndarray)]
         need = request_positions(req)
-        images = [len(p) for p in req.parts if isinstance(p, np.ndarray)]
-        check_fit(n_ctx=self.capacity + len(self.prefix), in_use=len(self.prefix), n_images=len(images),
+        check_fit(n_ctx=self.capacity + len(self.prefix), in_use=start, n_images=len(images),
                   image_tokens=max(images, default=0), n_text=need - sum(images) - req.max_tokens,
                   n_answer=req.max_tokens, hint="raise --ctx or lower --max-tokens", what=req.key)
-        if not self.fits(req):
-            raise LlavaLocalError("no free sequence slot (check fits() before admit())")
         if req.max_tokens < 1:
             raise LlavaLocalError(f"max_tokens must be >= 1, got {req.max_tokens}")
-        slot = self.free.pop()
-        self.reserved += need
-        self.active[slot] = _Seq(req, slot, pos=len(self.prefix), todo=deque(req.parts), t0=time.perf_counter())
+        if not self.fits(req):
+            raise LlavaLocalError("no free sequence slot (check fits() before admit())")
+        if req.slot is not None and not len(self.prefix) <= start <= len(self.prefix) + self.held.get(req.slot, 0):
+            raise LlavaLocalError(f"slot {req.slot} holds {self.held.get(req.slot, 0)} positions, not {start}")
+        slot = req.slot if req.slot is not None else self.free[-1]
+        self.free.remove(slot)
+        self.held.pop(slot, None)
+        self.llm.seq_remove(slot, start)             # what a previous turn left beyond `start`
+        seq = _Seq(req, slot, pos=start, todo=deque(parts), t0=time.perf_counter(), cells=self._cells(req))
+        self.reserved += seq.cells
+        self.active[slot] = seq
+
+    def evict(self, slot: int) -> None:
+        """Free the cells an idle slot keeps (beyond the shared prefix)."""
+        if slot in self.active:
+            raise LlavaLocalError(f"slot {slot} is decoding")
+        if self.held.pop(slot, None) is not None:
+            self.llm.seq_remove(slot, len(self.prefix))
+
+    def cancel(self, key: str) -> SeqResult | None:
+        """Stop the active sequence `key` now (its client went away); its result, or None if unknown."""
+        done: list[SeqResult] = []
+        for seq in list(self.active.values()):
+            if seq.req.key == key:
+                self._finish(seq, "cancelled", done)
+        return done[0] if done else None
 
     # --- decoding ---
     @property
@@ -147,19 +196,24 @@ class BatchDecoder:
         if tok is None:
             return self._finish(seq, "stop", done)
         seq.tokens.append(tok)
+        if req.on_token is not None and req.on_token(tok):
+            return self._finish(seq, "stop", done)
         if len(seq.tokens) >= req.max_tokens:
             return self._finish(seq, "length", done)
         seq.pending = tok
 
     def _finish(self, seq: _Seq, reason: str, done: list[SeqResult]) -> None:
-        # keep the shared prefix cells of this sequence; free the image, question and answer
-        self.llm.seq_remove(seq.slot, len(self.prefix))
+        # keep the shared prefix cells of this sequence; free (or, to keep, hold) the rest
+        if seq.req.keep:
+            self.held[seq.slot] = seq.pos - len(self.prefix)
+        else:
+            self.llm.seq_remove(seq.slot, len(self.prefix))
         del self.active[seq.slot]
         self.free.append(seq.slot)
-        self.reserved -= request_positions(seq.req)
+        self.reserved -= seq.cells
         text = self.llm.detokenize(seq.tokens).strip()
         done.append(SeqResult(seq.req.key, seq.tokens, text, reason, seq.n_prompt, time.perf_counter() - seq.t0,
-                              seq.req))
+                              seq.req, prompt_end=seq.prompt_end or seq.pos, n_cached=seq.pos))
 
     def _prefill_embeddings(self, done: list[SeqResult]) -> None:
         """Evaluate, for every sequence whose next prompt part is not its final token part, that part;
@@ -213,6 +267,8 @@ class BatchDecoder:
                     if final:
                         b.logits[i - 1] = 1
                         want.append((i - 1, s))
+                        if not s.prompt_end:
+                            s.prompt_end = s.pos
             self.llm.decode(b)
             for i, s in want:
                 self._sample(s, self.llm.logits_view(i), done)

@@ -23,20 +23,18 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from llava_local.errors import LlavaLocalError
 from llava_local.image.load import LoadedImage
 from llava_local.prompts.templates import IMAGE_MARKER, Message
-from llava_local.prompts.turns import check_images, user_content
+from llava_local.prompts.turns import answer_span, check_images, user_content
 from llava_local.runtime.context_fit import check_fit
 from llava_local.runtime.generate import Decode, prefill
-from llava_local.runtime.sampling import Sampler, SamplingParams
+from llava_local.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from llava_local.runtime.engine import Engine, ImageInput
+    from llava_local.runtime.grammar import JsonOutput
 
 log = logging.getLogger(__name__)
 
 SAVE_FORMAT = "llava-local-conversation"
-_SENTINEL = "\x00answer\x00"   # stands for the answer when finding the template's end-of-turn text
-
-
 @dataclass
 class Answer:
     text: str
@@ -45,6 +43,7 @@ class Answer:
     n_reused: int                   # positions already in the KV cache and not evaluated again
     finish_reason: str              # "stop" | "length" | "interrupted"
     timings: dict = field(default_factory=dict)
+    json: object = None             # with a JsonOutput: the parsed answer, valid against its schema
 
     def __str__(self) -> str:
         return self.text
@@ -84,15 +83,17 @@ class ChatSession:
 
     # --- one turn ---
     def send(self, text: str, images: Sequence["ImageInput"] = (), *, max_tokens: int | None = None,
-             sampling: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the answer's text pieces as they are generated; `self.last` holds the `Answer`."""
+             sampling: SamplingParams | None = None, output: "JsonOutput | None" = None) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated; `self.last` holds the `Answer`.
+        With `output` the answer is JSON kept to its schema, parsed into `Answer.json`; when it was cut
+        or does not validate, StructuredOutputError comes after the turn is recorded."""
         if not text or not text.strip():
             raise LlavaLocalError("empty prompt")
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise LlavaLocalError(f"max_tokens must be >= 1, got {max_tokens}")
-        sampler = Sampler(sampling or self.sampling)
         eng, llm = self.engine, self.engine.llm
+        sampler = eng.sampler(sampling or self.sampling, output)
         t0 = time.perf_counter()
         loaded = eng.load_images(images)                     # every image checked before any state change
         t1 = time.perf_counter()
@@ -150,31 +151,24 @@ class ChatSession:
         self.totals["prompt_tokens"] += n_prompt
         self.totals["reused_tokens"] += n_reused
         self.totals["generated_tokens"] += len(tokens)
+        if output is not None:   # the turn is recorded: a cut or invalid answer leaves the session usable
+            self.last.json = output.parse(self.last.text, dec.finish_reason)
 
     def _close_turn(self, answer_text: str, exact: bool = True) -> None:
         """Record the answer and evaluate what the template puts after an answer (e.g. "</s>"), so
         the next turn's rendering extends the cache. The cache keeps the tokens the model generated
         (as llama.cpp's server does), even where re-rendering the answer would tokenize differently."""
         llm, prompt_builder = self.engine.llm, self.engine.prompt
-        prompt = self._kv_text
-        self.messages = self.messages + [Message("assistant", answer_text.strip())]
-        probe = prompt_builder.render(self.messages[:-1] + [Message("assistant", _SENTINEL)],
-                                      add_generation_prompt=False)
-        if not exact or not probe.startswith(prompt) or probe.count(_SENTINEL) != 1:
+        asked = self.messages
+        self.messages = asked + [Message("assistant", answer_text.strip())]
+        span = answer_span(prompt_builder, asked, answer_text.strip()) if exact else None
+        toks = prompt_builder.tokenize(span[1], at_start=False) if span is not None else []
+        if span is None or llm.n_past + len(toks) > llm.n_ctx:
             self._kv_text = "\0"   # cannot extend exactly: the next turn re-evaluates from scratch
-            return
-        after = probe.split(_SENTINEL, 1)[1]
-        closed = prompt_builder.render(self.messages, add_generation_prompt=False)
-        if not closed.endswith(after) or IMAGE_MARKER in after:
-            self._kv_text = "\0"
-            return
-        toks = prompt_builder.tokenize(after, at_start=False)
-        if llm.n_past + len(toks) > llm.n_ctx:
-            self._kv_text = "\0"
             return
         if toks:
             llm.eval_tokens(toks)
-        self._kv_text = closed
+        self._kv_text = self._kv_text + span[0] + span[1]
 
     def ask(self, text: str, images: Sequence["ImageInput"] = (), **kw) -> Answer:
         for _ in self.send(text, images, **kw):

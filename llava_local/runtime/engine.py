@@ -25,11 +25,12 @@ from llava_local.prompts.templates import IMAGE_MARKER, Message
 from llava_local.prompts.turns import PromptBuilder
 from llava_local.runtime.chat_session import Answer, ChatSession  # noqa: F401  (Answer: re-exported)
 from llava_local.runtime.generate import prefill
+from llava_local.runtime.grammar import Grammar, JsonOutput
 from llava_local.runtime.llm import LlamaLLM
 from llava_local.runtime.model_pair import ModelPair, check_context
 from llava_local.runtime.options import EngineOptions
 from llava_local.runtime.placement import backend_can_use_gpu, backend_order, resolve_placement
-from llava_local.runtime.sampling import SamplingParams
+from llava_local.runtime.sampling import Sampler, SamplingParams
 from llava_local.vision import VisionOptions, create_backend
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,13 @@ class Engine:
     def load_images(self, images: Sequence[ImageInput]) -> list[LoadedImage]:
         return [im if isinstance(im, LoadedImage) else load_image(im) for im in images]
 
+    def image_keys(self, images: Sequence[LoadedImage]) -> list[str]:
+        """Each image's embedding-cache key: the mmproj's identity and the decoded pixels."""
+        return [f"{self._mmproj_id}:{im.pixel_hash}" for im in images]
+
     def image_embeddings(self, images: Sequence[LoadedImage]) -> tuple[list[np.ndarray], int]:
         """(n_tokens, n_embd) per image, from the cache where possible; returns (embeddings, cache hits)."""
-        keys = [f"{self._mmproj_id}:{im.pixel_hash}" for im in images]
+        keys = self.image_keys(images)
         todo = [i for i, k in enumerate(keys) if k not in self._embed_cache]
         todo_unique = list({keys[i]: i for i in todo}.values())
         if todo_unique:
@@ -151,6 +156,10 @@ class Engine:
         return prefill(self.llm, texts, images)
 
     # --- conversations ---
+    def sampler(self, params: SamplingParams, output: JsonOutput | None = None) -> Sampler:
+        """A sampler for one answer; with `output`, kept to its JSON schema by a grammar of its own."""
+        return Sampler(params, Grammar(self.llm, output.gbnf) if output is not None else None)
+
     def claim_kv(self, owner: object) -> bool:
         """Make `owner` (a chat session) the holder of the LLM's KV cache; True when it held another
         conversation, which is then cleared."""
@@ -170,8 +179,11 @@ class Engine:
         return ChatSession(self, system=system, sampling=sampling, max_tokens=max_tokens)
 
     def ask(self, prompt: str, images: Sequence[ImageInput] = (), *, system: str | None = None,
-            max_tokens: int = 256, sampling: SamplingParams = SamplingParams()) -> Answer:
-        return self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens).ask(prompt, images)
+            max_tokens: int = 256, sampling: SamplingParams = SamplingParams(),
+            output: JsonOutput | None = None) -> Answer:
+        """One answer in a fresh session; with `output`, JSON valid against its schema (`Answer.json`)."""
+        return self.chat_session(system=system, sampling=sampling, max_tokens=max_tokens).ask(prompt, images,
+                                                                                            output=output)
 
     def close(self) -> None:
         self.vision.close()

@@ -103,6 +103,12 @@ class LlamaLLM:
         self._logits: list[np.ndarray] = []  # per-position logits kept when all_logits
         self._last: np.ndarray | None = None
 
+    @property
+    def lib(self):
+        """The llama.cpp bindings this model was loaded with (the grammar sampler uses them; batches
+        and decoding stay here)."""
+        return self._L
+
     # --- vocabulary ---
     @property
     def bos(self) -> int | None:

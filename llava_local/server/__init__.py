@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server for llava-local (FastAPI app, image fetching, request limits)."""
