@@ -38,6 +38,9 @@ VARIANTS: dict[str, dict] = {
                                                                       extra_bufts="off"),
     "raw + torch imported first, ngl all": dict(via="raw", ngl=ALL, torch_first=True),
     "raw + native vision library loaded first, ngl all": dict(via="raw", ngl=ALL, native_first=True),
+    "raw + numpy imported first, ngl all": dict(via="raw", ngl=ALL, numpy_first=True),
+    "raw, llama_cpp before torch, ngl all": dict(via="raw", ngl=ALL, llama_first=True, torch_first=True),
+    "LlamaLLM, llama_cpp imported first, ngl all": dict(via="llamallm", ngl=ALL, llama_first=True),
     "LlamaLLM (as shipped), ngl 0": dict(via="llamallm", ngl=0),
     "LlamaLLM (as shipped), ngl all": dict(via="llamallm", ngl=ALL),
     "llava_local.load (auto placement)": dict(via="load"),
@@ -74,6 +77,12 @@ def _decode_some(L, model) -> None:
 
 
 def child(opts: dict, model: str, mmproj: str) -> None:
+    if opts.get("llama_first"):             # llama.cpp's libraries loaded before any other native library
+        import llama_cpp  # noqa: F401
+        _step("llama_cpp imported")
+    if opts.get("numpy_first"):
+        import numpy  # noqa: F401
+        _step("numpy imported")
     if opts.get("torch_first"):
         import torch
         if torch.cuda.is_available():
