@@ -85,6 +85,7 @@ async def _one_client(url: str, k: int, refs: dict) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.mark.slow   # make test-slow (.ci/run): ~30 s of decoding or an engine restart
 def test_sixteen_concurrent_clients(server, client):
     urls = [data_url(p) for p in IMAGES]
     refs = {"urls": urls, "single": [client.chat.completions.create(
@@ -137,6 +138,7 @@ def test_multi_turn_answers_equal_the_chat_session(server, client):
     eng.close()
 
 
+@pytest.mark.slow   # make test-slow (.ci/run): ~30 s of decoding or an engine restart
 def test_disconnect_mid_stream_frees_only_that_sequence(pair_f32):
     # the tiny random model rambles to max_tokens: a stream is still running when its client leaves
     msgs = [image_message("Describe it.", data_url(IMAGES[1]))]
@@ -194,6 +196,7 @@ def test_json_schema_answers_validate_for_20_seeds(server, client):
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow   # make test-slow (.ci/run): ~30 s of decoding or an engine restart
 def test_worker_killed_mid_request_fails_that_request_and_restarts(server, client):
     msgs = [image_message(QUESTION, data_url(IMAGES[0]))]
     pid = server.engine.pid

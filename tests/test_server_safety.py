@@ -66,7 +66,7 @@ def server(listeners):
 
 @pytest.fixture(scope="module")
 def strict():
-    with running_server(parallel=2, api_key="sekrit", max_images=3) as srv:
+    with running_server(parallel=2, api_key="sekrit", max_images=3, cors_origins=("http://localhost:3000",)) as srv:
         yield srv
 
 
@@ -182,12 +182,14 @@ def test_foreign_origin_and_host_are_403(server):
     assert post(server, body, headers={"Origin": server.url}).status_code == 200        # its own page
 
 
-def test_cors_origin_flag_grants_that_origin():
-    with running_server(parallel=1, cors_origins=("http://localhost:3000",)) as srv:
-        pre = httpx.options(srv.url + "/v1/chat/completions", headers={
-            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
-        assert pre.status_code == 200
-        assert pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+def test_cors_origin_flag_grants_that_origin(strict):
+    pre = httpx.options(strict.url + "/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = post(strict, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+             headers={"Origin": "http://localhost:3000", "Authorization": "Bearer sekrit"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
 
 
 def test_corrupt_image_names_the_part(server):
