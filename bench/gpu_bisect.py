@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +42,10 @@ VARIANTS: dict[str, dict] = {
     "raw + numpy imported first, ngl all": dict(via="raw", ngl=ALL, numpy_first=True),
     "raw, llama_cpp before torch, ngl all": dict(via="raw", ngl=ALL, llama_first=True, torch_first=True),
     "LlamaLLM, llama_cpp imported first, ngl all": dict(via="llamallm", ngl=ALL, llama_first=True),
+    # what in numpy's import breaks the later model load: its OpenBLAS threads? with no layer offloaded too?
+    "raw + numpy first, OPENBLAS_NUM_THREADS=1, ngl all": dict(via="raw", ngl=ALL, numpy_first=True,
+                                                               env={"OPENBLAS_NUM_THREADS": "1"}),
+    "raw + numpy first, ngl 0": dict(via="raw", ngl=0, numpy_first=True),
     "LlamaLLM (as shipped), ngl 0": dict(via="llamallm", ngl=0),
     "LlamaLLM (as shipped), ngl all": dict(via="llamallm", ngl=ALL),
     "llava_local.load (auto placement)": dict(via="load"),
@@ -141,7 +146,8 @@ def run_variant(name: str, opts: dict, model: str, mmproj: str, timeout: float) 
            "--mmproj", mmproj]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                           env={**os.environ, **opts.get("env", {})})
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as exc:
         rc, out, err = None, exc.stdout or "", exc.stderr or ""

@@ -103,35 +103,41 @@ def test_sixteen_concurrent_clients(server, client):
     assert same / 64 >= 0.95, f"{same}/64 equal to the single-request answers"
 
 
-def test_multi_turn_evaluates_only_new_tokens(server, client):
-    msgs = [image_message("What is in the picture?", data_url(IMAGES[2]))]
+@pytest.mark.parametrize("max_tokens", [64, 5])     # answers that end, and answers cut at max_tokens
+def test_multi_turn_evaluates_only_new_tokens(server, client, max_tokens):
+    msgs = [image_message(QUESTION, data_url(IMAGES[2 if max_tokens == 64 else 1]))]
     encodes0 = metric(server, "llava_local_image_encodes_total")
-    usages = []
+    usages, reasons = [], []
     for question in ("What color is the background?", "How many shapes are there?"):
-        r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=32)
+        r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=max_tokens)
         usages.append(r.usage)
+        reasons.append(r.choices[0].finish_reason)
         msgs = msgs + [{"role": "assistant", "content": r.choices[0].message.content},
                        {"role": "user", "content": question}]
         encodes_after_turn = metric(server, "llava_local_image_encodes_total")
-    r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=32)
+    r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=max_tokens)
     usages.append(r.usage)
+    assert reasons[0] == ("length" if max_tokens == 5 else "stop")
     assert metric(server, "llava_local_image_encodes_total") - encodes0 <= 1     # the 1st turn's (or cached)
     assert metric(server, "llava_local_image_encodes_total") == encodes_after_turn
-    for before, after in zip(usages, usages[1:]):
+    for before, after, reason in zip(usages, usages[1:], reasons):
         # everything of the previous request (its prompt and answer) is reused; only the new turn is evaluated
-        assert after.prompt_tokens_details.cached_tokens == before.prompt_tokens + before.completion_tokens
+        # (an answer cut at max_tokens has its last token evaluated with the new turn)
+        assert after.prompt_tokens_details.cached_tokens == \
+            before.prompt_tokens + before.completion_tokens - (reason == "length")
         assert after.prompt_tokens - after.prompt_tokens_details.cached_tokens < 30
 
 
-def test_multi_turn_answers_equal_the_chat_session(server, client):
+@pytest.mark.parametrize("max_tokens", [32, 5])
+def test_multi_turn_answers_equal_the_chat_session(server, client, max_tokens):
     from llava_local.runtime.engine import Engine
     from llava_local.runtime.model_source import find_model
     eng = Engine(find_model(None), threads=2)
-    session = eng.chat_session(max_tokens=32)
+    session = eng.chat_session(max_tokens=max_tokens)
     msgs = []
-    for text, image in (("What is in the picture?", IMAGES[3]), ("What color is the background?", None)):
+    for text, image in ((QUESTION, IMAGES[3]), ("What color is the background?", None), ("And the shape?", None)):
         msgs.append(image_message(text, data_url(image)) if image else {"role": "user", "content": text})
-        r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=32)
+        r = client.chat.completions.create(model="shapes-demo", messages=msgs, temperature=0, max_tokens=max_tokens)
         expected = session.ask(text, [image] if image else []).text
         assert r.choices[0].message.content == expected
         msgs.append({"role": "assistant", "content": expected})
@@ -168,11 +174,10 @@ def test_disconnect_mid_stream_frees_only_that_sequence(pair_f32):
 
 def test_health_is_503_while_loading():
     with running_server(wait=False) as srv:
-        r = httpx.get(srv.url + "/health")
-        if srv.engine.state != "ready":      # the model loads in ~1 s: the first answer is almost always this
-            assert r.status_code == 503 and r.headers["retry-after"]
-            c = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-            assert c.status_code in (503, 200)
+        r = httpx.get(srv.url + "/health")        # the engine process is still starting (a second or more)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == "loading"
+        c = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert c.status_code == 503 and c.json()["error"]["code"] == "model_loading"
         srv.wait_ready()
         assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 

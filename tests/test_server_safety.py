@@ -211,11 +211,34 @@ def test_too_many_images_is_refused_before_fetching(strict, listeners):
 def test_context_too_small_for_the_images_is_400():
     from llava_local.runtime.options import EngineOptions
     # the demo model's images are 4 tokens and this prompt's text ~40: one image fits in 52 cells, four do not
-    with running_server(parallel=1, engine=EngineOptions(threads=2, n_ctx=52)) as srv:
+    with running_server(parallel=1, max_queue=0, engine=EngineOptions(threads=2, n_ctx=52)) as srv:
         urls = [data_url(p) for p in sorted(SAMPLES.glob("*.png"))]
         r = post(srv, {"messages": [image_message("What?", *urls)], "max_tokens": 4})
         assert r.status_code == 400 and "tokens" in error(r), r.text
         assert post(srv, {"messages": [image_message("What?", urls[0])], "max_tokens": 4}).status_code == 200
+        _queue_full_is_503(srv)
+
+
+def _queue_full_is_503(srv):
+    """--parallel 1 --max-queue 0: while one request is in flight (the engine held still), the next gets 503."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    os.kill(srv.engine.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, srv, body)
+            deadline = time.time() + 10
+            while not srv.engine.in_flight and time.time() < deadline:
+                time.sleep(0.02)
+            busy = post(srv, body)
+            assert busy.status_code == 503 and busy.headers["retry-after"] and "busy" in error(busy)
+            os.kill(srv.engine.pid, signal.SIGCONT)
+            assert first.result().status_code == 200
+    finally:
+        os.kill(srv.engine.pid, signal.SIGCONT)
 
 
 def test_public_bind_needs_an_api_key():

@@ -25,8 +25,9 @@ from llava_local.prompts.templates import IMAGE_MARKER
 @dataclass(frozen=True)
 class Segment:
     text: str                  # the rendered text its positions stand for (IMAGE_MARKER for an image)
-    n: int                     # KV positions
+    n: int                     # KV positions it fills
     image: str | None = None   # an image's key (mmproj identity + decoded pixels)
+    pending: tuple[int, ...] = ()   # its last ids, not in the cache yet (an answer cut at max_tokens)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Kept:
     chars: int = 0             # rendered text they stand for
     positions: int = 0         # KV positions they fill
     images: int = 0            # images among them
+    pending: tuple[int, ...] = ()   # ids to evaluate before the new text (the last segment's)
 
 
 @dataclass
@@ -56,7 +58,9 @@ def kept_prefix(segments: Sequence[Segment], text: str, image_keys: Sequence[str
         chars += len(seg.text)
         pos += seg.n
         k += 1
-    return Kept(tuple(segments[:k]), chars, pos, n_img)
+        if seg.pending:        # what follows it is not in the cache
+            break
+    return Kept(tuple(segments[:k]), chars, pos, n_img, segments[k - 1].pending if k else ())
 
 
 class ConversationCache:

@@ -106,22 +106,32 @@ class Engine:
         """Each image's embedding-cache key: the mmproj's identity and the decoded pixels."""
         return [f"{self._mmproj_id}:{im.pixel_hash}" for im in images]
 
+    def uncached(self, images: Sequence[LoadedImage]) -> list[LoadedImage]:
+        """The images whose embeddings are not cached, one per distinct picture."""
+        todo: dict[str, LoadedImage] = {}
+        for k, im in zip(self.image_keys(images), images):
+            if k not in self._embed_cache:
+                todo.setdefault(k, im)
+        return list(todo.values())
+
+    def cache_embeddings(self, images: Sequence[LoadedImage], embeds) -> None:
+        """Keep (n_tokens, n_embd) embeddings of `images` (encoded elsewhere, e.g. in a thread)."""
+        for k, e in zip(self.image_keys(images), embeds):
+            self._embed_cache[k] = e
+            self._embed_cache.move_to_end(k)
+
     def image_embeddings(self, images: Sequence[LoadedImage]) -> tuple[list[np.ndarray], int]:
         """(n_tokens, n_embd) per image, from the cache where possible; returns (embeddings, cache hits)."""
-        keys = self.image_keys(images)
-        todo = [i for i, k in enumerate(keys) if k not in self._embed_cache]
-        todo_unique = list({keys[i]: i for i in todo}.values())
-        if todo_unique:
-            new = self.encode_images([images[i].image for i in todo_unique])
-            for j, i in enumerate(todo_unique):
-                self._embed_cache[keys[i]] = new[j]
+        todo = self.uncached(images)
+        if todo:
+            self.cache_embeddings(todo, self.encode_images([im.image for im in todo]))
         out = []
-        for k in keys:
+        for k in self.image_keys(images):
             self._embed_cache.move_to_end(k)
             out.append(self._embed_cache[k])
         while len(self._embed_cache) > EMBED_CACHE_SIZE:
             self._embed_cache.popitem(last=False)
-        return out, len(images) - len(todo_unique)
+        return out, len(images) - len(todo)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:

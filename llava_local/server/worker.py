@@ -25,7 +25,8 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,6 +139,13 @@ class ServeWorker:
         self.cache = ConversationCache(self.n_slots)
         self.waiting: deque[tuple[str, ChatRequest]] = deque()
         self.running: dict[str, _Running] = {}
+        # on the CPU the vision encoder runs beside the decode loop: a long encode (seconds) does not
+        # stall the answers being generated; the request waits at the head of the queue meanwhile.
+        # On a GPU it takes milliseconds and runs in the loop (no second thread on the device).
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="vision") \
+            if self.engine.placement.vision_device == "cpu" else None
+        self.encoding: tuple[str, list, Future] | None = None   # (request id, images, their embeddings)
+        self.pre_encoded: dict[str, int] = {}                    # request id -> images encoded for it
         pl = self.engine.placement
         self.info = {"vision_backend": self.engine.vision.name, "vision_device": pl.vision_device,
                      "llm_device": pl.llm_device, "gpu_layers": pl.gpu_layers, "parallel": self.n_slots,
@@ -146,8 +154,8 @@ class ServeWorker:
     # --- the loop ---
     def serve(self, conn) -> None:
         while True:
-            busy = bool(self.decoder.active or self.waiting)
-            if conn.poll(0 if busy else None):
+            wait = 0 if self.decoder.active else 0.005 if self.waiting else None   # an encode may be running
+            if conn.poll(wait):
                 while True:
                     msg = conn.recv()
                     if msg[0] == "stop":
@@ -165,6 +173,7 @@ class ServeWorker:
         elif msg[0] == "cancel":
             rid = msg[1]
             self.waiting = deque(w for w in self.waiting if w[0] != rid)
+            self.pre_encoded.pop(rid, None)
             if rid in self.running:
                 result = self.decoder.cancel(rid)
                 run = self.running.pop(rid)
@@ -176,23 +185,43 @@ class ServeWorker:
         self.send(("error", rid, status, message))
 
     # --- admission ---
+    def _collect_encoded(self) -> None:
+        """Cache the embeddings the encoder thread finished (or fail their request)."""
+        rid, images, fut = self.encoding
+        if not fut.done():
+            return
+        self.encoding = None
+        try:
+            self.engine.cache_embeddings(images, fut.result())
+            self.engine.n_images_encoded += len(images)
+            self.pre_encoded[rid] = self.pre_encoded.get(rid, 0) + len(images)
+        except Exception as exc:               # the encoder failed on these images: their request fails
+            log.error("request %s: encoding failed: %s", rid, traceback.format_exc())
+            self.waiting = deque(w for w in self.waiting if w[0] != rid)
+            self._fail(rid, 500, f"encoding the image failed: {type(exc).__name__}: {exc}")
+
     def _admit(self) -> None:
+        if self.encoding is not None:
+            self._collect_encoded()
         while self.waiting and self.decoder.free:
             rid, req = self.waiting[0]
             try:
                 admitted = self._try_admit(rid, req)
             except LlavaLocalError as exc:     # the request's fault: too long, bad image, context too small
-                self.waiting.popleft()
-                self._fail(rid, 400, str(exc))
+                self._drop_head(rid, 400, str(exc))
                 continue
             except Exception as exc:           # a bug: this request fails, the server goes on
                 log.error("request %s: %s", rid, traceback.format_exc())
-                self.waiting.popleft()
-                self._fail(rid, 500, f"{type(exc).__name__}: {exc}")
+                self._drop_head(rid, 500, f"{type(exc).__name__}: {exc}")
                 continue
             if not admitted:
                 return                          # waits for room (first come, first served)
             self.waiting.popleft()
+
+    def _drop_head(self, rid: str, status: int, message: str) -> None:
+        self.waiting.popleft()
+        self.pre_encoded.pop(rid, None)
+        self._fail(rid, status, message)
 
     def _try_admit(self, rid: str, req: ChatRequest) -> bool:
         from llava_local.prompts.turns import check_images
@@ -209,6 +238,7 @@ class ServeWorker:
         delta = target[kept.chars:]
         pieces = eng.prompt.pieces(delta, at_start=kept.positions == 0)
         token_parts = [ids for _, ids in pieces]
+        token_parts[0] = list(kept.pending) + token_parts[0]    # the rest of an answer cut at max_tokens
         new_images = list(req.images[kept.images:kept.images + len(token_parts) - 1])
         n_tok = eng.pair.image_tokens
         n_prompt = kept.positions + sum(map(len, token_parts)) + len(new_images) * n_tok
@@ -216,6 +246,11 @@ class ServeWorker:
             flag = "--ctx" if self.cfg.max_prompt_tokens >= self.engine.llm.n_ctx else "--max-prompt-tokens"
             raise LlavaLocalError(f"the prompt is {n_prompt} tokens ({len(req.images)} images of {n_tok}), over "
                                   f"this server's limit of {self.cfg.max_prompt_tokens} ({flag})")
+        uncached = eng.uncached(new_images) if self.encoder is not None else []
+        if uncached:                           # encode beside the decode loop, then come back
+            if self.encoding is None:
+                self.encoding = (rid, uncached, self.encoder.submit(eng.vision.encode, [im.image for im in uncached]))
+            return False
         placeholders = [np.empty((n_tok, 0), np.float32) for _ in new_images]   # sizes only, for the fit check
         seq = SeqRequest(rid, _interleave(token_parts, placeholders), None, req.max_tokens, slot=slot,
                          start=kept.positions, keep=True)
@@ -227,15 +262,18 @@ class ServeWorker:
                       hint="raise --ctx or lower max_tokens")   # alone and too big: the error says by how much
             raise LlavaLocalError("the request does not fit the KV cache")
         t0 = time.perf_counter()
-        embeds, hits = eng.image_embeddings(new_images)
+        embeds, hits = eng.image_embeddings(new_images)      # all cached by now
+        encoded = self.pre_encoded.pop(rid, 0)
         output = _output(req)
         run = _Running(rid, req, messages, slot, [], TextStream(req.stop), output, n_prompt, kept.positions,
-                       len(new_images) - hits, hits, t0)
+                       len(new_images) - hits + encoded, hits - encoded, t0)
         seq.parts = _interleave(token_parts, embeds)
         seq.sampler = eng.sampler(req.sampling, output)
         seq.on_token = lambda tok, run=run: self._on_token(run, tok)
         self.decoder.admit(seq)
         segs = list(kept.segments)
+        if kept.pending:
+            segs[-1] = replace(segs[-1], n=segs[-1].n + len(kept.pending), pending=())
         for i, (text, ids) in enumerate(pieces):
             if i:
                 segs.append(Segment(IMAGE_MARKER, n_tok, image=keys[kept.images + i - 1]))
@@ -289,11 +327,12 @@ class ServeWorker:
 
         tail = run.stream.finish()
         text = run.stream.text
-        stopped_by_string = run.stream.stopped
-        if r.finish_reason == "stop" and not stopped_by_string and r.n_cached == r.prompt_end + len(r.tokens):
+        in_cache = r.n_cached - r.prompt_end        # the answer's tokens in the cache: all, or all but the last
+        if r.finish_reason in ("stop", "length") and not run.stream.stopped and \
+                0 <= len(r.tokens) - in_cache <= 1:
             span = answer_span(self.engine.prompt, run.messages, text)
             if span is not None:   # the next turn of this conversation extends the answer's cells
-                run.segments = run.segments + [Segment(span[0], len(r.tokens))]
+                run.segments = run.segments + [Segment(span[0], in_cache, pending=tuple(r.tokens[in_cache:]))]
         self.cache.record(run.slot, run.segments)
         parsed = None
         if run.output is not None:
@@ -311,6 +350,8 @@ class ServeWorker:
             "prefill_evaluated": r.n_prompt, "decode_s": now - (run.t_first or now), "seconds": now - run.t_admit}))
 
     def close(self) -> None:
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=True)
         self.engine.close()
 
 
