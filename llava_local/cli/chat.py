@@ -18,7 +18,7 @@ import click
 from llava_local.cli.errors import domain_errors
 from llava_local.cli.options import (engine_from, model_options, output_from, pair_from, sampling_from,
                                      sampling_options, status)
-from llava_local.errors import LlavaLocalError
+from llava_local.errors import LlavaLocalError, StructuredOutputError
 from llava_local.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,12 @@ def stream_answer(session, text: str, images, *, verbose: bool, output=None) -> 
             click.echo(piece, nl=False)
             sys.stdout.flush()
             printed = True
-    except LlavaLocalError:
+    except LlavaLocalError as exc:
         if printed:              # end the answer's line before the error
             click.echo("")
+        if interrupted and isinstance(exc, StructuredOutputError):   # Ctrl-C cut the JSON: that was asked for
+            status("[answer stopped]")
+            return
         raise
     finally:
         if in_main:

@@ -63,7 +63,9 @@ def serve(**kw):
                         max_body_mb=kw["max_body_mb"], max_image_mb=kw["max_image_mb"], max_images=kw["max_images"],
                         max_tokens=kw["max_tokens"], max_prompt_tokens=kw["max_prompt_tokens"],
                         model_alias=kw["model_alias"])
-    server = Server(pair, engine_options(kw), opts)
-    status(f"llava-local: serving {server.settings.model_id} on {server.url} (model loading; /health says when "
-           f"ready), {opts.parallel} parallel sequences" + ("" if opts.api_key else ", no API key"))
-    server.run()
+    server = Server(pair, engine_options(kw), opts, on_status=lambda m: status(f"llava-local: {m}"))
+    try:
+        server.run()
+    except KeyboardInterrupt:      # uvicorn stopped on Ctrl-C and passed the signal on
+        pass
+    status("llava-local: stopped")

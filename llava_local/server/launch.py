@@ -70,7 +70,9 @@ def model_id(pair: ModelPair, alias: str | None) -> str:
 
 
 class Server:
-    def __init__(self, pair: ModelPair, engine: EngineOptions, opts: ServeOptions = ServeOptions()):
+    def __init__(self, pair: ModelPair, engine: EngineOptions, opts: ServeOptions = ServeOptions(), *,
+                 on_status=None):
+        """`on_status(message)`: told when the model is loaded (the CLI prints it)."""
         if not is_loopback(opts.host) and not opts.api_key:
             raise LlavaLocalError(f"--host {opts.host} lets other machines connect: set --api-key (or "
                                   "LLAVA_LOCAL_API_KEY), or bind 127.0.0.1")
@@ -97,9 +99,14 @@ class Server:
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self.port = opts.port
+        self._on_status = on_status or (lambda message: None)
 
     def _on_engine_event(self, kind: str, payload) -> None:
-        if kind == "restart":
+        if kind == "ready":
+            self._on_status(f"ready on {self.url}: LLM on {payload['llm_device']}, vision {payload['vision_backend']} "
+                            f"on {payload['vision_device']}, {payload['parallel']} parallel sequences, "
+                            f"n_ctx {payload['n_ctx']} shared")
+        elif kind == "restart":
             self.metrics.restarts.inc()
         elif kind == "failed" and self._uvicorn is not None:
             log.error("the model could not be loaded: %s", payload)
@@ -110,28 +117,44 @@ class Server:
         return uvicorn.Config(self.app, host=self.opts.host, port=self.port, log_level="warning",
                               server_header=False, timeout_graceful_shutdown=5, access_log=False)
 
+    def _listen(self) -> socket.socket:
+        """The listening socket, bound before the model loads: a taken port is a clear error at once."""
+        family = socket.AF_INET6 if ":" in self.opts.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.opts.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise LlavaLocalError(f"cannot listen on {self.opts.host}:{self.port}: {exc.strerror or exc} "
+                                  "(another server there? choose --port)") from None
+        self.port = sock.getsockname()[1]
+        return sock
+
     def run(self) -> None:
         """Load the model in the background and serve until Ctrl-C (or until the model fails to load)."""
         import uvicorn
+        sock = self._listen()
         self._uvicorn = uvicorn.Server(self._config())
         self.engine.start()
+        self._on_status(f"serving {self.settings.model_id} on {self.url}; the model is loading (/health says when "
+                        f"it is ready); " + ("API key required" if self.opts.api_key else "no API key"))
         try:
-            self._uvicorn.run()
+            self._uvicorn.run(sockets=[sock])
         finally:
             self.engine.close()
+            sock.close()
         if self.engine.state == "failed":
             raise LlavaLocalError(f"the model could not be loaded: {self.engine.error}")
 
     def start_in_thread(self) -> str:
         """Serve from a thread (tests, benches); the base URL. The model loads in the background."""
         import uvicorn
-        if self.port == 0:
-            with socket.socket() as s:
-                s.bind((self.opts.host, 0))
-                self.port = s.getsockname()[1]
+        sock = self._listen()
         self._uvicorn = uvicorn.Server(self._config())
         self.engine.start()
-        self._thread = threading.Thread(target=self._uvicorn.run, name="uvicorn", daemon=True)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                                        daemon=True)
         self._thread.start()
         while not self._uvicorn.started and self._thread.is_alive():
             threading.Event().wait(0.02)
