@@ -246,8 +246,10 @@ class ServeWorker:
             flag = "--ctx" if self.cfg.max_prompt_tokens >= self.engine.llm.n_ctx else "--max-prompt-tokens"
             raise LlavaLocalError(f"the prompt is {n_prompt} tokens ({len(req.images)} images of {n_tok}), over "
                                   f"this server's limit of {self.cfg.max_prompt_tokens} ({flag})")
-        uncached = eng.uncached(new_images) if self.encoder is not None else []
-        if uncached:                           # encode beside the decode loop, then come back
+        # with answers being generated, encode beside them and come back; alone, encode here (a
+        # thread of its own runs torch's encoder ~10 % slower: bench/server_multiturn.py, request 1)
+        uncached = eng.uncached(new_images) if self.encoder is not None and self.decoder.active else []
+        if uncached:
             if self.encoding is None:
                 self.encoding = (rid, uncached, self.encoder.submit(eng.vision.encode, [im.image for im in uncached]))
             return False
