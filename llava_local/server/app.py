@@ -127,7 +127,7 @@ def create_app(settings: ServerSettings, engine: EngineProcess, metrics: Metrics
             return fail(exc.status, str(exc), exc.code, exc.param)
         except LlavaLocalError as exc:
             return fail(400, str(exc))
-        h = engine.submit(chat)
+        h = engine.submit()
         metrics.load(engine.in_flight, settings.parallel)
         await asyncio.to_thread(engine.send, h, chat)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

@@ -3,7 +3,8 @@ sends back to each request's asyncio queue, and restart it when it dies.
 
     proc = EngineProcess(ServeConfig(...), pair)
     proc.start()                                 # loads in the background; proc.state: loading -> ready
-    handle = proc.submit(ChatRequest(...))       # in the event loop
+    handle = proc.submit()                       # in the event loop
+    await asyncio.to_thread(proc.send, handle, ChatRequest(...))
     while True:
         kind, *payload = await handle.events.get()   # ("delta", text) ... ("done", result) | ("error", status, msg)
 
@@ -132,7 +133,7 @@ class EngineProcess:
     def in_flight(self) -> int:
         return len(self._handles)
 
-    def submit(self, req: ChatRequest) -> Handle:
+    def submit(self) -> Handle:
         """Register a request; `send` hands it to the process (call it off the event loop: it may block)."""
         rid = f"req-{next(self._ids)}"
         h = Handle(rid, asyncio.Queue(), asyncio.get_running_loop())
