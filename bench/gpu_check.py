@@ -18,6 +18,8 @@ GPU checks (SKIP, with the reason, where llama.cpp has no GPU offload or torch n
                          32 tokens per image, EOS ignored (goal: --parallel 8 >= 3x the loop)
   gpu.encoder-throughput native vs mtmd images/s at batch 1/8/32 (goal: native >= 1.3x at batch 8)
   gpu.chat               a 3-turn chat session vs the handler (bench/chat_kv_reuse.py)
+  gpu.serve              `llava-local serve`, all on the GPU: 4 concurrent requests (one llama.cpp batch)
+                         give the demo model's single-request greedy answers on the CPU
   gpu.train              `train stage1` and `train stage2 --lora`, 5 steps in bf16 on the GPU vs fp32
                          on the CPU, tiny model: |Δloss| <= 2 % at every step
 The CPU half (cpu.*) runs the same code paths on tiny models, so the script cannot rot on machines
@@ -55,7 +57,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))      # the checks and the benches they reuse import each other by name
 
-from gpu_check_parity import (Result, check_build, check_demo, check_llm_top1, check_train,  # noqa: E402
+from gpu_check_parity import (Result, check_build, check_demo, check_llm_top1, check_serve, check_train,  # noqa: E402
                               check_vision_parity)
 from gpu_check_speed import check_caption_throughput, check_chat, check_encoder_throughput  # noqa: E402
 
@@ -91,7 +93,8 @@ CHECKS = [Check(f"{p}.{n}", fn, needs if p == "gpu" else "")
                                ("llm-top1", check_llm_top1, "llama"), ("vision-parity", check_vision_parity, "any"),
                                ("caption-throughput", check_caption_throughput, "llama"),
                                ("encoder-throughput", check_encoder_throughput, "llama"),
-                               ("chat", check_chat, "llama"), ("train", check_train, "torch"))]
+                               ("chat", check_chat, "llama"), ("serve", check_serve, "llama"),
+                               ("train", check_train, "torch"))]
 BY_NAME = {c.name: c for c in CHECKS}
 
 def probe() -> dict:

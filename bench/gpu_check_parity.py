@@ -143,6 +143,53 @@ def check_demo(env, prefix: str) -> Iterator[Result]:
                  gpu=got, cpu=ref, vision_device=dev)
 
 
+def serve_answers(gpu: bool, n_images: int, threads: int, parallel: int = 4) -> tuple[list[str], dict]:
+    """The demo model behind `llava-local serve` (its engine process, batched decoding): the sample
+    images asked all at once, greedy; the answers in image order and what the engine runs on."""
+    import base64
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llava_local.runtime.model_source import find_model
+    from llava_local.runtime.options import EngineOptions
+    from llava_local.server.launch import ServeOptions, Server
+    engine = EngineOptions(vision_backend="native", gpu_layers=GPU_LAYERS if gpu else 0,
+                           vision_device="gpu" if gpu else "cpu", threads=threads)
+    srv = Server(find_model(None), engine, ServeOptions(port=0, parallel=parallel))
+    url = srv.start_in_thread()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: never a proxy
+
+    def ask(path: Path) -> str:
+        image = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this picture."},
+                                                          {"type": "image_url", "image_url": {"url": image}}]}],
+                "temperature": 0, "max_tokens": 48}
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with opener.open(req, timeout=300) as r:
+            return json.load(r)["choices"][0]["message"]["content"]
+    try:
+        srv.wait_ready(300)
+        images = sorted(SAMPLES.glob("*.png"))[:n_images]
+        with ThreadPoolExecutor(len(images)) as pool:
+            return list(pool.map(ask, images)), dict(srv.engine.info)
+    finally:
+        srv.close()
+
+
+def check_serve(env, prefix: str) -> Iterator[Result]:
+    """`llava-local serve` with 4 concurrent requests (one llama.cpp batch) answers as a single request does."""
+    gpu = prefix == "gpu"
+    ref, _ = without_gpu(demo_answers, False, 4, env.threads) if gpu else demo_answers(False, 4, env.threads)
+    got, info = serve_answers(gpu, 4, env.threads)
+    same = sum(a == b for a, b in zip(ref, got))
+    placed = info.get("llm_device") != "cpu" if gpu else True
+    yield passed(same == len(ref) and placed, f"{prefix}.serve",
+                 f"{same}/{len(ref)} greedy answers of 4 concurrent requests equal the single-request ones "
+                 f"(engine: LLM on {info.get('llm_device')}, vision {info.get('vision_backend')} on "
+                 f"{info.get('vision_device')})", served=got, reference=ref, engine=info)
+
+
 # --------------------------------------------------------------------------------------------------
 # LLM top-1 agreement on teacher-forced tokens
 # --------------------------------------------------------------------------------------------------

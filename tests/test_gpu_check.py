@@ -17,10 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CHECKS = ["cpu.build", "cpu.demo", "cpu.llm-top1", "cpu.vision-parity.native.F32", "cpu.vision-parity.native.F16",
-              "cpu.caption-throughput.F16", "cpu.encoder-throughput", "cpu.chat", "cpu.train.stage1",
+              "cpu.caption-throughput.F16", "cpu.encoder-throughput", "cpu.chat", "cpu.serve", "cpu.train.stage1",
               "cpu.train.stage2-lora"]
 GPU_CHECKS = ["gpu.build", "gpu.demo", "gpu.llm-top1", "gpu.vision-parity", "gpu.caption-throughput",
-              "gpu.encoder-throughput", "gpu.chat", "gpu.train"]
+              "gpu.encoder-throughput", "gpu.chat", "gpu.serve", "gpu.train"]
 LINE = re.compile(r"^(PASS|FAIL|SKIP) ([\w.-]+): (.+)$")
 
 
