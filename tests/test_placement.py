@@ -163,6 +163,7 @@ def test_gpu_bisect_runs_its_variants_in_separate_processes(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     names = [r["variant"] for r in res["results"]]
-    assert names == ["raw, llama.cpp defaults, ngl 0", "raw + extra_bufts off, ngl 0", "LlamaLLM (as shipped), ngl 0"]
+    assert names == ["raw, llama.cpp defaults, ngl 0", "raw + extra_bufts off, ngl 0", "raw + numpy first, ngl 0",
+                     "LlamaLLM (as shipped), ngl 0"]
     assert all(r["status"] == "exit 0" and r["last_step"] == "done" for r in res["results"])
     assert res["gpu_offload"] is False
