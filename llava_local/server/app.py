@@ -132,7 +132,7 @@ def create_app(settings: ServerSettings, engine: EngineProcess, metrics: Metrics
         await asyncio.to_thread(engine.send, h, chat)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            first = await _first_event(request, engine, h)
+            first = await _next_event(request, engine, h)
             if first is None:
                 return fail(499, "client closed the request")
             if first[0] == "error":
@@ -179,10 +179,6 @@ async def _next_event(request: Request, engine: EngineProcess, h: Handle):
             if await request.is_disconnected():
                 await asyncio.to_thread(engine.cancel, h)
                 return None
-
-
-async def _first_event(request: Request, engine: EngineProcess, h: Handle):
-    return await _next_event(request, engine, h)
 
 
 async def _wait_done(request: Request, engine: EngineProcess, h: Handle):

@@ -18,8 +18,7 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llava_local.procs import signal_name, spawn
@@ -36,7 +35,6 @@ class Handle:
     rid: str
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    t0: float = field(default_factory=time.perf_counter)
 
 
 class EngineProcess:

@@ -19,28 +19,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DECODE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_COUNTERS = (   # attribute, metric name (Prometheus adds _total), help
+    ("prompt_tokens", "llava_local_prompt_tokens", "Prompt positions of answered requests"),
+    ("prompt_evaluated", "llava_local_prompt_tokens_evaluated", "Prompt positions evaluated"),
+    ("prompt_cached", "llava_local_prompt_tokens_cached", "Prompt positions reused from a conversation's KV cache"),
+    ("completion_tokens", "llava_local_completion_tokens", "Generated tokens"),
+    ("image_encodes", "llava_local_image_encodes", "Images run through the vision encoder"),
+    ("image_cache_hits", "llava_local_image_cache_hits", "Images whose embeddings were cached"),
+    ("kv_cache_hits", "llava_local_kv_cache_hits", "Requests that extended a conversation kept in the KV cache"),
+    ("restarts", "llava_local_engine_restarts", "Engine processes restarted after dying"),
+)
 
 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("llava_local_requests", "Answered requests by HTTP status", ["status"], registry=r)
-        self.prompt_tokens = Counter("llava_local_prompt_tokens", "Prompt positions of answered requests",
-                                     registry=r)
-        self.prompt_evaluated = Counter("llava_local_prompt_tokens_evaluated", "Prompt positions evaluated",
-                                        registry=r)
-        self.prompt_cached = Counter("llava_local_prompt_tokens_cached",
-                                     "Prompt positions reused from a conversation's KV cache", registry=r)
-        self.completion_tokens = Counter("llava_local_completion_tokens", "Generated tokens", registry=r)
-        self.image_encodes = Counter("llava_local_image_encodes", "Images run through the vision encoder",
-                                     registry=r)
-        self.image_cache_hits = Counter("llava_local_image_cache_hits", "Images whose embeddings were cached",
-                                        registry=r)
-        self.kv_cache_hits = Counter("llava_local_kv_cache_hits",
-                                     "Requests that extended a conversation kept in the KV cache", registry=r)
+        for attr, name, doc in _COUNTERS:
+            setattr(self, attr, Counter(name, doc, registry=r))
         self.queue_depth = Gauge("llava_local_queue_depth", "Requests waiting for a sequence", registry=r)
         self.in_flight = Gauge("llava_local_requests_in_flight", "Requests accepted and not answered", registry=r)
-        self.restarts = Counter("llava_local_engine_restarts", "Engine processes restarted after dying", registry=r)
         self.ttft = Histogram("llava_local_time_to_first_token_seconds", "Request received to first token",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.decode = Histogram("llava_local_decode_seconds", "First token to last token",

@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -123,7 +123,6 @@ class _Running:
     image_cache_hits: int
     t_admit: float
     t_first: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class ServeWorker:
@@ -198,6 +197,7 @@ class ServeWorker:
         except Exception as exc:               # the encoder failed on these images: their request fails
             log.error("request %s: encoding failed: %s", rid, traceback.format_exc())
             self.waiting = deque(w for w in self.waiting if w[0] != rid)
+            self.pre_encoded.pop(rid, None)
             self._fail(rid, 500, f"encoding the image failed: {type(exc).__name__}: {exc}")
 
     def _admit(self) -> None:
