@@ -18,9 +18,10 @@ from pathlib import Path
 from llava_local.errors import ConversionError
 from llava_local.formats.manifest import manifest_path as _manifest_path
 from llava_local.formats.manifest import write_manifest
-from llava_local.prompts.templates import DEFAULT_TEMPLATE, get_template
+from llava_local.prompts.templates import get_template
 
 from .checkpoint import LlavaCheckpoint, read_checkpoint
+from .template_choice import resolve_template
 from .writers import OUTTYPES, write_llm, write_mmproj
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _versions() -> dict:
 
 def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: str = "f16",
             vision_tower: str | os.PathLike | None = None, name: str | None = None,
-            template: str = DEFAULT_TEMPLATE, tokenizer_pre: str | None = None,
+            template: str | None = None, tokenizer_pre: str | None = None,
             progress=None, onnx: bool = False, quantize: str | None = None,
             keep_unquantized: bool = True) -> ConvertResult:
     """Convert one checkpoint (either layout) into an LLM GGUF, an mmproj GGUF and a manifest.
@@ -71,10 +72,12 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
             raise ConversionError(f"--quantize {quantize} is the --outtype already")
     if name is not None and (not name or Path(name).name != name or name in (".", "..")):
         raise ConversionError(f"--name {name!r} must be a plain file name (no directories)")
-    tmpl = get_template(template)
+    if template is not None:
+        get_template(template)      # an unknown name fails before any work
     t0 = time.perf_counter()
     ck: LlavaCheckpoint = read_checkpoint(Path(src_dir), vision_tower=Path(vision_tower) if vision_tower else None,
                                           name=name)
+    tmpl = get_template(resolve_template(ck, template))   # None: chosen from the checkpoint (template_choice.py)
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     llm_path, mmproj_path, manifest_path = output_paths(dst, ck.name, outtype)
@@ -121,6 +124,8 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, outtype: 
         "source": {"path": str(ck.source.resolve()), "layout": ck.layout},
         "versions": _versions(),
     }
+    if ck.anyres is not None:   # LLaVA-1.6: "image_tokens" above is per tile
+        manifest["anyres"] = ck.anyres.to_json()
     if quantize is not None:
         manifest["quantize"] = quantize          # the LLM's type; "outtype" is the mmproj's
         if unquantized_path is not None:

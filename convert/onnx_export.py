@@ -19,6 +19,10 @@ CLI: `llava-local convert MMPROJ.gguf -o OUT --onnx`. The encoder is the one the
 builds from that file (llava_local/vision/torch_backend.py `build_modules`), so it is exactly as
 exact as the file's weights: F16 weights are widened, not restored.
 
+LLaVA-1.6 ("anyres"): the graph is the same per-tile encoder (base image and tiles are a batch of
+S x S images); the sidecar's "anyres" entry carries the grid pinpoints, and the packing (unpadding,
+the `image_newline` vector after each row) is the backend's, with the newline read from the mmproj.
+
 The graph is LLaVA's exact vision path, unlike llama.cpp's clip graph (upstream #25814):
 `pixel_values (B, 3, S, S) -> CLIP hidden_states[feature_layer] -> drop CLS -> Linear, GELU (erf),
 Linear -> image_embeds (B, n_tokens, n_embd)`. Only the CLIP layers up to the feature layer are
@@ -48,7 +52,7 @@ from llava_local.fileio import atomic_path, write_json
 from llava_local.vision.onnx_backend import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, model_name,
                                              sidecar_path)
 
-from .checkpoint import LlavaCheckpoint, read_checkpoint
+from .checkpoint import LlavaCheckpoint, anyres_json, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,8 @@ def build_encoder(ck: LlavaCheckpoint) -> LlavaVisionEncoder:
 
 
 def _sidecar(files: OnnxFiles, opset: int, *, image_size: int, patch_size: int, image_mean, image_std,
-             n_tokens: int, n_embd: int, feature_layer: int, source: dict) -> dict:
-    return {
+             n_tokens: int, n_embd: int, feature_layer: int, source: dict, anyres: dict | None = None) -> dict:
+    sc = {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
         "model": files.model.name, "external_data": files.data.name, "opset": opset, "dtype": "float32",
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, image_size, image_size]},
@@ -145,13 +149,17 @@ def _sidecar(files: OnnxFiles, opset: int, *, image_size: int, patch_size: int, 
         "n_tokens": n_tokens, "n_embd": n_embd, "feature_layer": feature_layer,
         "source": source,
     }
+    if anyres is not None:   # LLaVA-1.6: n_tokens is per tile; an image is the base + its tiles
+        sc["anyres"] = anyres
+    return sc
 
 
 def sidecar(ck: LlavaCheckpoint, files: OnnxFiles, n_embd: int, opset: int) -> dict:
     v = ck.vision
     return _sidecar(files, opset, image_size=v.image_size, patch_size=v.patch_size, image_mean=v.image_mean,
                     image_std=v.image_std, n_tokens=v.n_patches, n_embd=n_embd, feature_layer=v.feature_layer,
-                    source={"name": ck.name, "layout": ck.layout})
+                    source={"name": ck.name, "layout": ck.layout},
+                    anyres=ck.anyres.to_json() if ck.anyres is not None else None)
 
 
 def _torch_export(module: torch.nn.Module, path: Path, image_size: int, opset: int) -> None:
@@ -203,7 +211,8 @@ def export_onnx_from_mmproj(mmproj: str | os.PathLike, out_dir: str | os.PathLik
     sc = _sidecar(files, opset, image_size=mm.image_size, patch_size=mm.patch_size, image_mean=mm.image_mean,
                   image_std=mm.image_std, n_tokens=mm.image_tokens, n_embd=mm.projection_dim,
                   feature_layer=mm.feature_layer,
-                  source={"name": mm.path.name, "layout": "mmproj-legacy" if mm.ffn_swapped else "mmproj"})
+                  source={"name": mm.path.name, "layout": "mmproj-legacy" if mm.ffn_swapped else "mmproj"},
+                  anyres=anyres_json(mm.anyres.grid_pinpoints) if mm.anyres is not None else None)
     return _write(module, files, sc, opset)
 
 

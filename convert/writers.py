@@ -145,6 +145,12 @@ def write_mmproj(ck: LlavaCheckpoint, path: Path, outtype: str, *, progress=None
     (h1, d_in), (d_out, h2) = proj_dims
     if d_in != v.hidden_size or h1 != h2:
         raise ConversionError(f"{ck.source}: projector shapes {proj_dims} do not fit CLIP width {v.hidden_size}")
+    if ck.anyres is not None:  # LLaVA-1.6: the vector appended after each row of tile features, kept F32
+        nl = ck.anyres.newline_tensor
+        if tuple(ck.store.get(nl).shape) != (d_out,):
+            raise ConversionError(f"{ck.source}: {nl} has shape {list(ck.store.get(nl).shape)}, expected [{d_out}] "
+                                  "(the projector's output width)")
+        tensors.append((names.TN_IMAGE_NEWLINE, lambda s=nl: ck.store.get(s), F32))
 
     K = names.K
     with gguf_writer(path, "clip") as w:
@@ -167,6 +173,15 @@ def write_mmproj(ck: LlavaCheckpoint, path: Path, outtype: str, *, progress=None
         # explicit: without it llama.cpp runs one layer fewer than LLaVA's "layer -2" (upstream #25817)
         w.add_array(names.KEY_FEATURE_LAYER, [v.feature_layer])
         w.add_bool(K.ClipVision.USE_GELU, False)  # CLIP's MLP uses quick-GELU; projector GELU is fixed
-        w.add_uint32(names.KEY_LLAVA_LOCAL_IMAGE_TOKENS, v.n_patches)
+        w.add_uint32(names.KEY_LLAVA_LOCAL_IMAGE_TOKENS, v.n_patches)   # per tile for LLaVA-1.6
+        if ck.anyres is not None:
+            # what clip.cpp reads for LLaVA-1.6 (it selects its llava_uhd tiling on the pinpoints alone);
+            # image_crop_resolution / image_split_resolution / image_aspect_ratio, which the legacy
+            # converter also copies, are read by nothing
+            w.add_array(names.KEY_IMAGE_GRID_PINPOINTS, names.pinpoints_to_gguf(ck.anyres.grid_pinpoints))
+            w.add_string(names.KEY_MM_PATCH_MERGE_TYPE, ck.anyres.merge_type)
         _write_streaming(w, tensors, progress)
-    return {"projection_dim": d_out, "image_tokens": v.n_patches}
+    out = {"projection_dim": d_out, "image_tokens": v.n_patches}
+    if ck.anyres is not None:
+        out["grid_pinpoints"] = [list(p) for p in ck.anyres.grid_pinpoints]
+    return out

@@ -210,15 +210,33 @@ bool read_hparams(const gguf_context * g, hparams & hp, std::string & err) {
         err = "clip.has_vision_encoder is not true: this mmproj has no vision tower";
         return false;
     }
-    // LLaVA-1.6 ("anyres" tiles + image_newline), as the legacy converter writes it: another model
-    if (const int64_t id = m.find("clip.vision.image_grid_pinpoints");
-        id >= 0 && (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_n(g, id) > 0)) {
-        err = "clip.vision.image_grid_pinpoints is set: a LLaVA-1.6 (anyres) mmproj, which this encoder does not run";
+    // LLaVA-1.6 ("anyres"): this encoder runs each tile (and the base image) like a 1.5 image; the
+    // tiling, unpadding and image_newline rows are the caller's (llava_local/image/anyres.py). Only the
+    // variant transformers runs is accepted: pinpoints + spatial_unpad + the v.image_newline tensor.
+    bool anyres = false;
+    if (const int64_t id = m.find("clip.vision.image_grid_pinpoints"); id >= 0) {
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) {
+            err = "clip.vision.image_grid_pinpoints is not an array";
+            return false;
+        }
+        anyres = gguf_get_arr_n(g, id) > 0;
+    }
+    const char * merge = "flat";
+    if (const int64_t id = m.find("clip.vision.mm_patch_merge_type"); id >= 0) {
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) {
+            err = "clip.vision.mm_patch_merge_type is not a string";
+            return false;
+        }
+        merge = gguf_get_val_str(g, id);
+    }
+    if (strcmp(merge, anyres ? "spatial_unpad" : "flat") != 0) {
+        err = fmt("clip.vision.mm_patch_merge_type '%s' %s grid pinpoints: not a LLaVA-1.5 ('flat') or LLaVA-1.6 "
+                  "('spatial_unpad' with pinpoints) mmproj this encoder runs", merge, anyres ? "with" : "without");
         return false;
     }
-    if (const int64_t id = m.find("clip.vision.mm_patch_merge_type");
-        id >= 0 && (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING || strcmp(gguf_get_val_str(g, id), "flat") != 0)) {
-        err = "clip.vision.mm_patch_merge_type is not 'flat': a LLaVA-1.6 (anyres) mmproj, which this encoder does not run";
+    // the newline vector: ours and upstream's name, or the legacy converter's (llava_surgery_v2.py)
+    if (anyres && gguf_find_tensor(g, "v.image_newline") < 0 && gguf_find_tensor(g, "model.image_newline") < 0) {
+        err = "a LLaVA-1.6 (anyres) mmproj without the v.image_newline tensor: re-convert it with llava-local convert";
         return false;
     }
     // clip.cpp's reading: use_gelu (what the legacy converter writes for hidden_act "gelu"), use_silu,

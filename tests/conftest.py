@@ -25,6 +25,24 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_next_ckpt(tmp_path_factory):
+    """(model, hf_dir, original_dir, clip_dir) of one tiny random LLaVA-1.6 (anyres, 56-px tiles)."""
+    from train.tiny_models import build_tiny_llava_next, save_original_next_layout
+    root = tmp_path_factory.mktemp("tiny-next")
+    model, hf_dir = build_tiny_llava_next(root / "next-hf")
+    save_original_next_layout(model, root / "next-orig", root / "next-clip")
+    return model, hf_dir, root / "next-orig", root / "next-clip"
+
+
+@pytest.fixture(scope="session")
+def converted_next_f32(tiny_next_ckpt, tmp_path_factory):
+    """The LLaVA-1.6 llava-hf layout converted to F32 (ConvertResult)."""
+    from convert import convert
+    out = tmp_path_factory.mktemp("conv-next-f32")
+    return convert(tiny_next_ckpt[1], out, outtype="f32")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     return tiny_ckpt[0]
 
@@ -100,3 +118,31 @@ def assert_embeddings_close(a: np.ndarray, b: np.ndarray, *, max_abs: float) -> 
     d = float(np.abs(a - b).max())
     assert d <= max_abs, f"max |Δ| {d:.3g} > {max_abs}"
     return d
+
+
+def rewrite_mmproj(src: Path, dst: Path, *, override: dict | None = None, drop_tensor: str | None = None,
+                   rename: dict | None = None) -> Path:
+    """A copy of an mmproj with metadata changed (`override`; keys it does not have are added as strings
+    or int32 arrays), a tensor left out or tensors renamed (gguf-py)."""
+    import gguf
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "clip")
+    override = dict(override or {})
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, override.pop(field.name, field.contents()), vtype, sub_type=sub)
+    for key, value in override.items():   # new keys
+        w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.ARRAY,
+                        sub_type=None if isinstance(value, str) else gguf.GGUFValueType.INT32)
+    for t in reader.tensors:
+        if t.name != drop_tensor:
+            w.add_tensor((rename or {}).get(t.name, t.name), np.array(t.data), raw_shape=tuple(int(x) for x in reversed(t.shape.tolist())),
+                         raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -100,11 +100,16 @@ def legacy_tensors(clip, linear_1, linear_2, n_blocks: int, *, f16: bool = True,
 
 
 def write_legacy_mmproj(path: Path, clip, linear_1, linear_2, *, f16: bool = True, extra: dict | None = None,
-                        block_names: dict = LEGACY_BLOCK, general_type: bool = False) -> Path:
+                        block_names: dict = LEGACY_BLOCK, general_type: bool = False, name: str = "tiny-clip",
+                        extra_tensors: list | None = None) -> Path:
     """An mmproj as upstream's convert_image_encoder_to_gguf.py --llava-projector writes one for a CLIP
-    config without vision_feature_layer (LLaVA-1.5's openai/clip-vit-large-patch14-336)."""
+    config without vision_feature_layer (LLaVA-1.5's openai/clip-vit-large-patch14-336). `extra` keys
+    (str, int or list values) follow `clip.vision.block_count`; `extra_tensors` (name, array) follow
+    the projector's, as the LLaVA-1.6 newline does."""
     v = clip.config
     n_blocks = v.num_hidden_layers - 1
+    tensors = legacy_tensors(clip, linear_1, linear_2, n_blocks, f16=f16, block_names=block_names)
+    tensors[4:4] = [(n, arr, None) for n, arr in extra_tensors or ()]
     w = gguf.GGUFWriter(str(path), "clip")
     if general_type:   # not upstream's legacy converter: ours and convert_hf_to_gguf.py write it
         w.add_type(gguf.GGUFType.MMPROJ)
@@ -112,7 +117,7 @@ def write_legacy_mmproj(path: Path, clip, linear_1, linear_2, *, f16: bool = Tru
     w.add_bool(K.Clip.HAS_VISION_ENCODER, True)
     w.add_bool(K.Clip.HAS_LLAVA_PROJECTOR, True)
     w.add_file_type(1 if f16 else 0)
-    w.add_name("tiny-clip")
+    w.add_name(name)
     w.add_description("image encoder for LLaVA")
     w.add_string(K.Clip.PROJECTOR_TYPE, "mlp")
     w.add_uint32(K.ClipVision.IMAGE_SIZE, v.image_size)
@@ -124,11 +129,11 @@ def write_legacy_mmproj(path: Path, clip, linear_1, linear_2, *, f16: bool = Tru
     w.add_float32(K.ClipVision.Attention.LAYERNORM_EPS, v.layer_norm_eps)
     w.add_uint32(K.ClipVision.BLOCK_COUNT, n_blocks)
     for key, val in (extra or {}).items():
-        (w.add_string if isinstance(val, str) else w.add_array)(key, val)
+        (w.add_string if isinstance(val, str) else w.add_uint32 if isinstance(val, int) else w.add_array)(key, val)
     w.add_array(K.ClipVision.IMAGE_MEAN, CLIP_MEAN)
     w.add_array(K.ClipVision.IMAGE_STD, CLIP_STD)
     w.add_bool(K.ClipVision.USE_GELU, v.hidden_act == "gelu")
-    for gname, arr, _ in legacy_tensors(clip, linear_1, linear_2, n_blocks, f16=f16, block_names=block_names):
+    for gname, arr, _ in tensors:
         w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -17,12 +17,11 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
-from conftest import cosine_per_token, random_image
+from conftest import cosine_per_token, random_image, rewrite_mmproj
 from llava_local.errors import BackendUnavailableError, ModelFilesError
 from llava_local.formats.mmproj import read_mmproj
 from llava_local.image.preprocess import preprocess_batch
@@ -194,28 +193,6 @@ def test_missing_library_is_backend_unavailable(monkeypatch, tmp_path, converted
 
 # --- bad input: errors, never a crash -------------------------------------------------------------
 
-def _copy_gguf(src: Path, dst: Path, *, override: dict | None = None, drop_tensor: str | None = None) -> Path:
-    """Rewrite an mmproj with some metadata changed or a tensor left out (gguf-py)."""
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "clip")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = (override or {}).get(field.name, field.contents())
-        w.add_key_value(field.name, value, vtype, sub_type=sub)
-    for t in reader.tensors:
-        if t.name != drop_tensor:
-            w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(x) for x in reversed(t.shape.tolist())),
-                         raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def _bad_files(good: Path, tmp: Path) -> dict[str, Path]:
     data = good.read_bytes()
     files = {
@@ -230,11 +207,11 @@ def _bad_files(good: Path, tmp: Path) -> dict[str, Path]:
         p = tmp / (name.replace(" ", "_") + ".gguf")
         p.write_bytes(content)
         out[name] = p
-    out["width disagrees with tensors"] = _copy_gguf(good, tmp / "wide.gguf",
+    out["width disagrees with tensors"] = rewrite_mmproj(good, tmp / "wide.gguf",
                                                      override={"clip.vision.embedding_length": 48})
-    out["feature layer past the blocks"] = _copy_gguf(good, tmp / "fl.gguf", override={"clip.vision.feature_layer": [7]})
-    out["missing block tensor"] = _copy_gguf(good, tmp / "missing.gguf", drop_tensor="v.blk.1.attn_k.weight")
-    out["missing projector layer"] = _copy_gguf(good, tmp / "linear.gguf", drop_tensor="mm.2.weight")
+    out["feature layer past the blocks"] = rewrite_mmproj(good, tmp / "fl.gguf", override={"clip.vision.feature_layer": [7]})
+    out["missing block tensor"] = rewrite_mmproj(good, tmp / "missing.gguf", drop_tensor="v.blk.1.attn_k.weight")
+    out["missing projector layer"] = rewrite_mmproj(good, tmp / "linear.gguf", drop_tensor="mm.2.weight")
     return out
 
 

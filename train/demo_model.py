@@ -165,8 +165,9 @@ def package(ckpt: Path, out: Path, work: Path, qtype: str, held_out: dict) -> di
     """Convert, quantize the LLM, and put the pair with its manifest into `out`."""
     from convert import convert
     from convert.quantize import quantize
-    f32 = convert(ckpt, work / "gguf-f32", outtype="f32", name=NAME)
-    f16 = convert(ckpt, work / "gguf-f16", outtype="f16", name=NAME)
+    # trained in vicuna_v1 (train/config.py) on SmolLM2's vocabulary, from which no template can be told
+    f32 = convert(ckpt, work / "gguf-f32", outtype="f32", name=NAME, template="vicuna_v1")
+    f16 = convert(ckpt, work / "gguf-f16", outtype="f16", name=NAME, template="vicuna_v1")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{NAME}*"):
         old.unlink()

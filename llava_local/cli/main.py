@@ -77,6 +77,9 @@ def main(debug: bool) -> None:
 @click.option("--name", default=None, help="Base name of the output files (default: the checkpoint dir name).")
 @click.option("--tokenizer-pre", default=None,
               help="llama.cpp pre-tokenizer name for a BPE tokenizer the converter does not recognise.")
+@click.option("--template", default=None, metavar="NAME",
+              help="Chat template the model was trained with (vicuna_v1, mistral_instruct, llama_3, chatml_direct, "
+                   "plain); default: chosen from the checkpoint (convert/template_choice.py).")
 @click.option("--onnx", is_flag=True,
               help="Also export the exact vision encoder (CLIP + projector) as <name>-vision.onnx + sidecar.")
 @click.option("--quantize", "qtype", default=None, metavar="TYPE",
@@ -85,7 +88,8 @@ def main(debug: bool) -> None:
               help="With --quantize: keep the --outtype LLM file too.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each step.")
 @domain_errors
-def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onnx, qtype, keep_unquantized, verbose):
+def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, template, onnx, qtype, keep_unquantized,
+            verbose):
     """Convert a LLaVA checkpoint into an LLM GGUF, an mmproj GGUF and a manifest.
 
     Reads the llava-hf layout (LlavaForConditionalGeneration, also what `llava-local train`
@@ -112,8 +116,8 @@ def convert(checkpoint, out_dir, outtype, vision_tower, name, tokenizer_pre, onn
     bar = tqdm(desc="writing tensors", unit="tensor", file=sys.stderr, disable=None)
     try:
         result = do_convert(checkpoint, out_dir, outtype=outtype, vision_tower=vision_tower, name=name,
-                            tokenizer_pre=tokenizer_pre, progress=lambda _name: bar.update(1), onnx=onnx,
-                            quantize=qtype, keep_unquantized=keep_unquantized)
+                            tokenizer_pre=tokenizer_pre, template=template, progress=lambda _name: bar.update(1),
+                            onnx=onnx, quantize=qtype, keep_unquantized=keep_unquantized)
     finally:
         bar.close()
     for p in (result.llm_path, result.mmproj_path, result.manifest_path):
@@ -129,7 +133,7 @@ def _export_mmproj_onnx(mmproj: str, out_dir: str, name: str | None, onnx: bool)
     """`convert MMPROJ.gguf --onnx`: only the ONNX encoder; checkpoint-only options are refused."""
     ctx = click.get_current_context()
     flags = {"outtype": "--outtype", "vision_tower": "--vision-tower", "tokenizer_pre": "--tokenizer-pre",
-             "qtype": "--quantize", "keep_unquantized": "--keep-unquantized"}
+             "template": "--template", "qtype": "--quantize", "keep_unquantized": "--keep-unquantized"}
     given = [f for p, f in flags.items() if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
     if not onnx:
         raise click.UsageError(f"{mmproj} is a file: an mmproj GGUF converts only with --onnx (its vision encoder)")

@@ -50,6 +50,10 @@ def model_options(fn):
                      help="Context size in tokens (default: 4096, or the LLM's training context if smaller)."),
         click.option("--threads", type=click.IntRange(1), default=None, envvar="LLAVA_LOCAL_THREADS",
                      help="CPU threads (default: all cores)."),
+        click.option("--image-max-tiles", type=click.IntRange(1), default=None, envvar="LLAVA_LOCAL_IMAGE_MAX_TILES",
+                     help="LLaVA-1.6 models: cut each image into at most N tiles (of the model's grids): fewer "
+                          "image tokens, trading detail for speed (default: all the model's grids, up to 2928 "
+                          "tokens an image). LLaVA-1.5 models ignore it."),
         click.option("--template", default=None, envvar="LLAVA_LOCAL_TEMPLATE",
                      help="Chat template name (default: the GGUF's, else the manifest's, else vicuna_v1)."),
         click.option("-v", "--verbose", is_flag=True, help="Log steps, llama.cpp's output and timings to stderr."),
@@ -96,7 +100,7 @@ def engine_options(kw: dict, **overrides) -> EngineOptions:
     """The model options' flags as EngineOptions (flag names: --ctx is n_ctx, -ngl is gpu_layers)."""
     return EngineOptions(n_ctx=kw["ctx"], gpu_layers=kw["gpu_layers"], vision_backend=kw["vision_backend"],
                          vision_device=kw["vision_device"], threads=kw["threads"], template=kw["template"],
-                         verbose=kw["verbose"], **overrides)
+                         image_max_tiles=kw["image_max_tiles"], verbose=kw["verbose"], **overrides)
 
 
 def engine_from(kw: dict, pair, *, workload: str = "session"):

@@ -121,13 +121,13 @@ def teacher_forced_case(engine: Engine, question: str, answer: str, image: int) 
     return Case(engine.prompt_items(msgs), image, target[:end + 1], answer)
 
 
-def _prefill(engine: Engine, case: Case, embeds: np.ndarray) -> None:
+def _prefill(engine: Engine, case: Case, embeds: Sequence[np.ndarray]) -> None:
     """The case's prompt on a fresh cache."""
     engine.llm.reset()
     engine.prefill(case.items, embeds[case.image:case.image + 1])
 
 
-def teacher_forced_top1(engine: Engine, case: Case, embeds: np.ndarray) -> np.ndarray:
+def teacher_forced_top1(engine: Engine, case: Case, embeds: Sequence[np.ndarray]) -> np.ndarray:
     """Arg-max token at each answer position, with the true answer fed in (teacher forcing)."""
     llm = engine.llm
     _prefill(engine, case, embeds)
@@ -143,7 +143,7 @@ def teacher_forced_top1(engine: Engine, case: Case, embeds: np.ndarray) -> np.nd
     return np.concatenate([[first], rest])
 
 
-def greedy_answer(engine: Engine, case: Case, embeds: np.ndarray, max_tokens: int) -> list[int]:
+def greedy_answer(engine: Engine, case: Case, embeds: Sequence[np.ndarray], max_tokens: int) -> list[int]:
     """The LLM's own greedy answer, with the end-of-turn token it chose when it stopped."""
     _prefill(engine, case, embeds)
     dec = Decode(engine.llm, Sampler(GREEDY), max_tokens)
@@ -157,7 +157,7 @@ def greedy_answer(engine: Engine, case: Case, embeds: np.ndarray, max_tokens: in
 
 @dataclass
 class _Inputs:
-    embeds: np.ndarray             # (n_images, n_tokens, n_embd), from the source mmproj
+    embeds: list[np.ndarray]       # (n_tokens_i, n_embd) per image, from the source mmproj
     agree: list[Case]
     shapes: ShapesSet | None       # held-out questions for the accuracy column
     answers_from: str
@@ -174,7 +174,7 @@ def _prepare(pair: ModelPair, cfg: QuantEvalConfig, shapes: ShapesData, split: S
     """Cases, image embeddings and reference answers, on the source LLM; also whether llama.cpp
     repacked its weights."""
     gen_room = max(cfg.gen_tokens, cfg.answer_tokens, ANSWER_TOKENS)
-    n_ctx = min(pair.n_ctx_train or 4096, pair.image_tokens + 256 + gen_room)
+    n_ctx = min(pair.n_ctx_train or 4096, pair.max_image_tokens() + 256 + gen_room)
     engine = _engine(pair, cfg, n_ctx)
     try:
         held_out = None

@@ -44,7 +44,26 @@ PROJECTOR_TENSORS = {
 K = gguf.Keys
 KEY_FEATURE_LAYER = "clip.vision.feature_layer"  # read by llama.cpp clip.cpp; not in gguf-py's Keys
 KEY_LLAVA_LOCAL_TEMPLATE = "llava_local.chat_template_name"   # our own: the named template
-KEY_LLAVA_LOCAL_IMAGE_TOKENS = "llava_local.image_tokens"     # our own: tokens per image
+KEY_LLAVA_LOCAL_IMAGE_TOKENS = "llava_local.image_tokens"     # our own: tokens per image (per tile for 1.6)
+
+# --- LLaVA-1.6 ("anyres"), upstream's names (tools/mtmd/clip-impl.h; gguf-py has no Keys entry yet) ---
+# Pair order: (WIDTH, HEIGHT). clip.cpp reads the flat array two at a time into `clip_image_size
+# {width, height}`, and upstream's HF converter (conversion/granite.py, a LLaVA-NeXT model) flips
+# transformers' (height, width) pairs to write it. The legacy converter copies the LLaVA repo's
+# config list verbatim, which the LLaVA repo itself reads as (width, height) too. So we write
+# transformers' (h, w) as (w, h), and readers flip every pair back to (h, w).
+KEY_IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"   # flat int array: w0, h0, w1, h1, ...
+KEY_MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"     # "spatial_unpad" for 1.6 ("flat" if absent)
+TN_IMAGE_NEWLINE = _V[gguf.MODEL_TENSOR.V_ENC_EMBD_IMGNL]       # "v.image_newline", (n_embd,) F32
+# upstream's legacy converter (llava_surgery_v2.py + convert_image_encoder_to_gguf.py) keeps the LLaVA
+# repo's name for the newline; current clip.cpp does not load it under that name (its graph never uses it)
+TN_IMAGE_NEWLINE_LEGACY = "model.image_newline"
+PATCH_MERGE_SPATIAL_UNPAD = "spatial_unpad"
+
+
+def pinpoints_to_gguf(pinpoints_hw) -> list[int]:
+    """transformers' ((h, w), ...) -> the flat (w, h, w, h, ...) array clip.cpp reads."""
+    return [int(v) for h, w in pinpoints_hw for v in (w, h)]
 
 
 def llm_tensor_map(n_blocks: int) -> gguf.TensorNameMap:

@@ -131,7 +131,7 @@ _PROBE = [Message("user", IMAGE_MARKER + "\nWhat is this?"), Message("assistant"
           Message("user", "And now?")]
 
 
-def _body(jinja: str) -> str:
+def jinja_body(jinja: str) -> str:
     """A template without its leading Jinja comment: files converted before the comment that lets
     llama.cpp detect vicuna_v1 (templates.py) hold the same template without it."""
     if jinja.startswith("{#"):
@@ -147,7 +147,7 @@ def choose_format(*, override: str | None, gguf_template: str | None, named: str
     else the manifest's named template, else vicuna_v1."""
     if override:
         return NamedFormat(get_template(override), bos_text, eos_text)
-    if named and gguf_template and _body(gguf_template) == _body(get_template(named).jinja):
+    if named and gguf_template and jinja_body(gguf_template) == jinja_body(get_template(named).jinja):
         return NamedFormat(get_template(named), bos_text, eos_text)   # our converter wrote both
     if gguf_template:
         try:

@@ -153,9 +153,9 @@ class BatchDecoder:
             raise LlavaLocalError(f"{req.key}: a prompt must end with text tokens")
         images = [len(p) for p in parts if isinstance(p, np.ndarray)]
         need = request_positions(req)
-        check_fit(n_ctx=self.capacity + len(self.prefix), in_use=start, n_images=len(images),
-                  image_tokens=max(images, default=0), n_text=need - sum(images) - req.max_tokens,
-                  n_answer=req.max_tokens, hint="raise --ctx or lower --max-tokens", what=req.key)
+        check_fit(n_ctx=self.capacity + len(self.prefix), in_use=start, images=images,
+                  n_text=need - sum(images) - req.max_tokens, n_answer=req.max_tokens,
+                  hint="raise --ctx or lower --max-tokens", what=req.key)
         if req.max_tokens < 1:
             raise LlavaLocalError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if not self.fits(req):

@@ -3,7 +3,8 @@
 The conversation is rendered to one prompt string and tokenized by the prompt builder
 (prompts/turns.py). The KV cache holds the tokens of a prefix of it (`kv_text`); a new turn
 evaluates only what its rendering appends, then the decode loop (generate.py) answers. Images are
-encoded once (the engine caches embeddings by decoded pixels + mmproj identity).
+encoded once (the engine caches embeddings by decoded pixels + mmproj identity); each counts its
+own tokens (LLaVA-1.6: by its size) in the context check made before anything is encoded.
 
     s = engine.chat_session()
     for piece in s.send("What is in the picture?", images=["photo.jpg"]):
@@ -110,10 +111,11 @@ class ChatSession:
         first_image = self._kv_text.count(IMAGE_MARKER)
         token_parts = eng.prompt.split(delta, at_start=llm.n_past == 0)
         n_new_images = len(token_parts) - 1
-        check_fit(n_ctx=llm.n_ctx, n_images=n_new_images, image_tokens=eng.pair.image_tokens,
-                  n_text=sum(map(len, token_parts)), in_use=llm.n_past, reserve=1,
+        new_images = all_images[first_image:first_image + n_new_images]
+        check_fit(n_ctx=llm.n_ctx, images=eng.image_tokens(new_images), n_text=sum(map(len, token_parts)),
+                  in_use=llm.n_past, reserve=1,
                   hint="raise --ctx, or /clear")   # refuse before encoding: never answer without the image
-        embeds, cache_hits = eng.image_embeddings(all_images[first_image:first_image + n_new_images])
+        embeds, cache_hits = eng.image_embeddings(new_images)
         t2 = time.perf_counter()
         n_reused = llm.n_past
         try:

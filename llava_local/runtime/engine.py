@@ -6,6 +6,9 @@
 
 Images become embeddings (vision backend), the conversation becomes token ids around the images
 (prompts/turns.py, the one prompt builder), and both are fed to llama.cpp in order (llm.py).
+Each image has its own token count: 576 for every LLaVA-1.5 image, 576 to 2928 for a LLaVA-1.6
+("anyres") one by its size (`image_tokens`; `--image-max-tiles` bounds it), checked against the
+context before anything is encoded or evaluated.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from llava_local.runtime.chat_session import Answer, ChatSession  # noqa: F401  
 from llava_local.runtime.generate import prefill
 from llava_local.runtime.grammar import Grammar, JsonOutput
 from llava_local.runtime.llm import LlamaLLM
-from llava_local.runtime.model_pair import ModelPair, check_context
+from llava_local.runtime.model_pair import ModelPair, check_context, default_context
 from llava_local.runtime.options import EngineOptions
 from llava_local.runtime.placement import backend_can_use_gpu, backend_order, resolve_placement
 from llava_local.runtime.sampling import Sampler, SamplingParams
@@ -36,8 +39,8 @@ from llava_local.vision import VisionOptions, create_backend
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | bytes | Image.Image | LoadedImage
-DEFAULT_CTX = 4096
-EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept (576 x 4096 fp32 = 9 MB each)
+EMBED_CACHE_SIZE = 64                    # images whose embeddings are kept at most ...
+EMBED_CACHE_BYTES = 64 * 576 * 4096 * 4  # ... and their bytes: 64 LLaVA-1.5-7B images (9.4 MB each), 12 1.6 ones
 
 
 class Engine:
@@ -48,10 +51,10 @@ class Engine:
     def __init__(self, pair: ModelPair, options: EngineOptions | None = None, **fields):
         self.pair = pair
         o = dataclasses.replace(options or EngineOptions(), **fields).validate()
-        if o.n_ctx is None:  # LLaVA-1.5 trains at 4096; never default past what the LLM was trained for
-            o = dataclasses.replace(o, n_ctx=min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX))
+        if o.n_ctx is None:
+            o = dataclasses.replace(o, n_ctx=default_context(pair, o.image_max_tiles))
         self.options = o
-        check_context(pair, o.n_ctx)
+        check_context(pair, o.n_ctx, max_tiles=o.image_max_tiles)   # the largest image fits
         self.placement = resolve_placement(pair, gpu_layers=o.gpu_layers, vision_backend=o.vision_backend,
                                            vision_device=o.vision_device, n_ctx=o.n_ctx, workload=o.workload)
         self.llm = LlamaLLM(pair.llm_path, n_ctx=o.n_ctx, n_gpu_layers=self.placement.gpu_layers,
@@ -64,9 +67,11 @@ class Engine:
                                     eos_text=self.llm.token_text(self.llm.eos))
         self.prompt = PromptBuilder(self.format, self.llm.tokenize, bos)
         self.n_images_encoded = 0
-        self._embed_cache: OrderedDict[str, object] = OrderedDict()
+        self._embed_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         st = pair.mmproj_path.stat()
         self._mmproj_id = f"{pair.mmproj_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if pair.anyres:   # the tiling decides the embeddings as much as the pixels do
+            self._mmproj_id += f":tiles<={o.image_max_tiles or 'all'}"
         self.kv_owner: object | None = None     # the session whose turns are in the KV cache
         log.info("%s; prompt format: %s", self.placement.describe(), self.format.name)
 
@@ -81,8 +86,9 @@ class Engine:
         for n in names:
             device = p.vision_device if backend_can_use_gpu(n, p.gpu) else "cpu"
             try:
-                backend = create_backend(n, self.pair.mmproj, VisionOptions(device=device, threads=o.threads,
-                                                                            workload=o.workload, verbose=o.verbose),
+                backend = create_backend(n, self.pair.mmproj,
+                                         VisionOptions(device=device, threads=o.threads, workload=o.workload,
+                                                       verbose=o.verbose, max_tiles=o.image_max_tiles),
                                          llm=self.llm)
             except BackendUnavailableError as exc:
                 if not auto:
@@ -103,8 +109,14 @@ class Engine:
         return [im if isinstance(im, LoadedImage) else load_image(im) for im in images]
 
     def image_keys(self, images: Sequence[LoadedImage]) -> list[str]:
-        """Each image's embedding-cache key: the mmproj's identity and the decoded pixels."""
+        """Each image's embedding-cache key: the mmproj's identity (with the tiling, for LLaVA-1.6)
+        and the decoded pixels."""
         return [f"{self._mmproj_id}:{im.pixel_hash}" for im in images]
+
+    def image_tokens(self, images: Sequence[LoadedImage | Image.Image]) -> list[int]:
+        """Each image's token count, from its size alone (nothing is encoded): what the context
+        checks count before any prefill."""
+        return [self.vision.tokens_for(*(im.image if isinstance(im, LoadedImage) else im).size) for im in images]
 
     def uncached(self, images: Sequence[LoadedImage]) -> list[LoadedImage]:
         """The images whose embeddings are not cached, one per distinct picture."""
@@ -114,14 +126,14 @@ class Engine:
                 todo.setdefault(k, im)
         return list(todo.values())
 
-    def cache_embeddings(self, images: Sequence[LoadedImage], embeds) -> None:
-        """Keep (n_tokens, n_embd) embeddings of `images` (encoded elsewhere, e.g. in a thread)."""
+    def cache_embeddings(self, images: Sequence[LoadedImage], embeds: Sequence[np.ndarray]) -> None:
+        """Keep (n_tokens_i, n_embd) embeddings of `images` (encoded elsewhere, e.g. in a thread)."""
         for k, e in zip(self.image_keys(images), embeds):
             self._embed_cache[k] = e
             self._embed_cache.move_to_end(k)
 
     def image_embeddings(self, images: Sequence[LoadedImage]) -> tuple[list[np.ndarray], int]:
-        """(n_tokens, n_embd) per image, from the cache where possible; returns (embeddings, cache hits)."""
+        """(n_tokens_i, n_embd) per image, from the cache where possible; returns (embeddings, cache hits)."""
         todo = self.uncached(images)
         if todo:
             self.cache_embeddings(todo, self.encode_images([im.image for im in todo]))
@@ -129,14 +141,17 @@ class Engine:
         for k in self.image_keys(images):
             self._embed_cache.move_to_end(k)
             out.append(self._embed_cache[k])
-        while len(self._embed_cache) > EMBED_CACHE_SIZE:
+        keep = len(set(self.image_keys(images)))   # never evict what this call returns
+        while len(self._embed_cache) > keep and (len(self._embed_cache) > EMBED_CACHE_SIZE or
+                                                 sum(e.nbytes for e in self._embed_cache.values()) > EMBED_CACHE_BYTES):
             self._embed_cache.popitem(last=False)
         return out, len(images) - len(todo)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def encode_images(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """One (n_tokens_i, n_embd) float32 array per image (LLaVA-1.6: base + tiles + row newlines)."""
         if not images:
-            return np.zeros((0, self.vision.n_tokens, self.vision.n_embd), np.float32)
-        out = self.vision.encode(images)
+            return []
+        out = self.vision.embed(images)
         self.n_images_encoded += len(images)
         return out
 
@@ -151,9 +166,10 @@ class Engine:
             items.append(ids)
         return items
 
-    def prefill(self, items, embeds: np.ndarray) -> int:
-        """Evaluate text ids and image slots (from `prompt_items`) in order on the current cache;
-        returns positions evaluated. Low-level (tests compare against transformers with it)."""
+    def prefill(self, items, embeds: Sequence[np.ndarray]) -> int:
+        """Evaluate text ids and image slots (from `prompt_items`; `embeds`: one (n_tokens_i, n_embd)
+        array per image) in order on the current cache; returns positions evaluated. Low-level (tests
+        compare against transformers with it)."""
         self.kv_owner = None
         texts: list[list[int]] = [[]]
         images = []

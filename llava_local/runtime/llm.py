@@ -181,7 +181,7 @@ class LlamaLLM:
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         if embd.ndim != 2 or embd.shape[1] != self.n_embd:
             raise ModelFilesError(f"image embeddings of shape {embd.shape} do not match LLM width {self.n_embd}")
-        check_fit(n_ctx=self.n_ctx, n_images=1, image_tokens=embd.shape[0], in_use=self.n_past)
+        check_fit(n_ctx=self.n_ctx, images=[embd.shape[0]], in_use=self.n_past)
         for i in range(0, embd.shape[0], self.n_batch):
             chunk = embd[i:i + self.n_batch]
             self._decode(chunk.shape[0], embd=chunk)

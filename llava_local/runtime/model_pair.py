@@ -2,7 +2,7 @@
 
     pair = resolve_pair("out/")                       # a directory with a manifest (or one pair)
     pair = resolve_pair("llm.gguf", "mmproj.gguf")
-    check_context(pair, n_ctx=2048, n_images=1)       # ContextOverflowError if the image cannot fit
+    check_context(pair, n_ctx=2048, n_images=1)       # ContextOverflowError if the largest image cannot fit
 
 Every check names the file it is about, so a user who swapped --model and --mmproj, or mixed a 7B
 LLM with a 13B mmproj, reads which file is wrong and why.
@@ -24,6 +24,9 @@ from llava_local.runtime.context_fit import check_fit
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CTX = 4096      # LLaVA-1.5 and 1.6 train at 4096
+ANSWER_ROOM = 1024      # the default context holds the largest image and at least this much text + answer
+
 
 @dataclass(frozen=True)
 class ModelPair:
@@ -44,7 +47,17 @@ class ModelPair:
 
     @property
     def image_tokens(self) -> int:
+        """Tokens of one LLaVA-1.5 image, or of one tile of a LLaVA-1.6 ("anyres") one."""
         return self.mmproj.image_tokens
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-1.6: an image's token count depends on its size (image/anyres.py)."""
+        return self.mmproj.anyres is not None
+
+    def max_image_tokens(self, max_tiles: int | None = None) -> int:
+        """The most tokens one image can take (1.5: `image_tokens`; 1.6: base + most tiles + newlines)."""
+        return self.mmproj.max_image_tokens(max_tiles)
 
     @property
     def chat_template(self) -> str | None:
@@ -116,6 +129,19 @@ def resolve_pair(model: str | Path, mmproj: str | Path | None = None) -> ModelPa
     return ModelPair(llm_path, mmproj_path, llm_info, mm, manifest)
 
 
-def check_context(pair: ModelPair, n_ctx: int, n_images: int = 1, n_text: int = 0) -> None:
-    """Refuse a prompt that cannot fit, rather than silently dropping the image (llama-cpp-python #935)."""
-    check_fit(n_ctx=n_ctx, n_images=n_images, image_tokens=pair.image_tokens, n_text=n_text, reserve=1)
+def check_context(pair: ModelPair, n_ctx: int, n_images: int = 1, n_text: int = 0, *,
+                  max_tiles: int | None = None) -> None:
+    """Refuse a context that cannot hold `n_images` of the largest images this pair makes (with
+    `max_tiles`, for LLaVA-1.6) and `n_text` tokens, rather than silently dropping an image
+    (llama-cpp-python #935)."""
+    hint = "raise --ctx or lower --image-max-tiles" if pair.anyres else "raise --ctx"
+    check_fit(n_ctx=n_ctx, images=[pair.max_image_tokens(max_tiles)] * n_images, n_text=n_text, reserve=1,
+              hint=hint)
+
+
+def default_context(pair: ModelPair, max_tiles: int | None = None) -> int:
+    """n_ctx when none is given: DEFAULT_CTX, more if the largest image (with `max_tiles`) and
+    ANSWER_ROOM need it, never past what the LLM was trained for (check_context then says what is
+    missing). LLaVA-1.6's largest image, 2928 tokens, leaves 4096 as it is."""
+    want = max(DEFAULT_CTX, pair.max_image_tokens(max_tiles) + ANSWER_ROOM)
+    return min(want, pair.n_ctx_train or want)

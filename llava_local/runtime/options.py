@@ -22,6 +22,8 @@ class EngineOptions:
     vision_device: str = "auto"         # auto | cpu | gpu
     threads: int | None = None          # CPU threads; None = all cores (llama.cpp's default is 4)
     template: str | None = None         # a named template instead of the GGUF's / manifest's
+    image_max_tiles: int | None = None  # LLaVA-1.6: grids of at most this many tiles (fewer tokens, less
+                                        # detail); None: all the model's pinpoints. LLaVA-1.5 ignores it
     workload: str = "session"           # oneshot | session | batch: which backend starts or runs fastest
     n_seq_max: int = 1                  # >1: sequences decoded together (the caption worker, the server)
     precise: bool = False               # F32 KV cache, no flash attention: tests compare with transformers
@@ -38,6 +40,8 @@ class EngineOptions:
             raise LlavaLocalError(f"vision_device must be auto, cpu or gpu, got {self.vision_device!r}")
         if self.workload not in WORKLOADS:
             raise LlavaLocalError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
+        if self.image_max_tiles is not None and self.image_max_tiles < 1:
+            raise LlavaLocalError(f"image_max_tiles must be >= 1, got {self.image_max_tiles}")
         if self.n_seq_max < 1:
             raise LlavaLocalError(f"n_seq_max must be >= 1, got {self.n_seq_max}")
         return self

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CTX = 4096
-
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -81,7 +79,8 @@ class Server:
         media_dir = Path(opts.media_dir).resolve() if opts.media_dir else None
         if media_dir is not None and not media_dir.is_dir():
             raise LlavaLocalError(f"--media-dir {opts.media_dir}: not a directory")
-        n_ctx = engine.n_ctx or min(DEFAULT_CTX, pair.n_ctx_train or DEFAULT_CTX)
+        from llava_local.runtime.model_pair import default_context
+        n_ctx = engine.n_ctx or default_context(pair, engine.image_max_tiles)
         self.opts = opts
         self.engine_options = dataclasses.replace(engine, n_ctx=n_ctx, n_seq_max=opts.parallel, workload="session")
         cfg = ServeConfig(self.engine_options, max_prompt_tokens=min(opts.max_prompt_tokens or n_ctx, n_ctx))

@@ -11,9 +11,10 @@ in a spawned process (engine_process.py starts and restarts it) and this module 
 Requests wait in arrival order until a sequence (slot) and KV room are free; each is rendered by the
 prompt builder and given the free slot whose cache holds the longest prefix of it (the same
 conversation's last turn: runtime/conversations.py), so only its new text and new images are
-evaluated. Images are encoded once (the engine's embedding cache). Every admitted sequence decodes
-in the same llama.cpp batch (runtime/batch_decode.py); an idle slot keeps its conversation's cells
-until their room is needed (least recently used first).
+evaluated. Images are encoded once (the engine's embedding cache); each counts its own tokens
+(LLaVA-1.6: by its size) in the prompt limit, the fit check and its conversation segment. Every
+admitted sequence decodes in the same llama.cpp batch (runtime/batch_decode.py); an idle slot keeps
+its conversation's cells until their room is needed (least recently used first).
 """
 from __future__ import annotations
 
@@ -240,27 +241,28 @@ class ServeWorker:
         token_parts = [ids for _, ids in pieces]
         token_parts[0] = list(kept.pending) + token_parts[0]    # the rest of an answer cut at max_tokens
         new_images = list(req.images[kept.images:kept.images + len(token_parts) - 1])
-        n_tok = eng.pair.image_tokens
-        n_prompt = kept.positions + sum(map(len, token_parts)) + len(new_images) * n_tok
+        n_tok = eng.image_tokens(new_images)                # each image's positions, from its size
+        n_prompt = kept.positions + sum(map(len, token_parts)) + sum(n_tok)
         if n_prompt > self.cfg.max_prompt_tokens:
             flag = "--ctx" if self.cfg.max_prompt_tokens >= self.engine.llm.n_ctx else "--max-prompt-tokens"
-            raise LlavaLocalError(f"the prompt is {n_prompt} tokens ({len(req.images)} images of {n_tok}), over "
-                                  f"this server's limit of {self.cfg.max_prompt_tokens} ({flag})")
+            new = f" (new images: {' + '.join(map(str, n_tok))})" if n_tok else ""
+            raise LlavaLocalError(f"the prompt is {n_prompt} tokens{new}, over this server's limit of "
+                                  f"{self.cfg.max_prompt_tokens} ({flag})")
         # with answers being generated, encode beside them and come back; alone, encode here (a
         # thread of its own runs torch's encoder ~10 % slower: bench/server_multiturn.py, request 1)
         uncached = eng.uncached(new_images) if self.encoder is not None and self.decoder.active else []
         if uncached:
             if self.encoding is None:
-                self.encoding = (rid, uncached, self.encoder.submit(eng.vision.encode, [im.image for im in uncached]))
+                self.encoding = (rid, uncached, self.encoder.submit(eng.vision.embed, [im.image for im in uncached]))
             return False
-        placeholders = [np.empty((n_tok, 0), np.float32) for _ in new_images]   # sizes only, for the fit check
+        placeholders = [np.empty((n, 0), np.float32) for n in n_tok]   # sizes only, for the fit check
         seq = SeqRequest(rid, _interleave(token_parts, placeholders), None, req.max_tokens, slot=slot,
                          start=kept.positions, keep=True)
         if not self._make_room(seq):
             if self.decoder.active:
                 return False
-            check_fit(n_ctx=self.engine.llm.n_ctx, in_use=kept.positions, n_images=len(new_images),
-                      image_tokens=n_tok, n_text=sum(map(len, token_parts)), n_answer=req.max_tokens,
+            check_fit(n_ctx=self.engine.llm.n_ctx, in_use=kept.positions, images=n_tok,
+                      n_text=sum(map(len, token_parts)), n_answer=req.max_tokens,
                       hint="raise --ctx or lower max_tokens")   # alone and too big: the error says by how much
             raise LlavaLocalError("the request does not fit the KV cache")
         t0 = time.perf_counter()
@@ -278,7 +280,7 @@ class ServeWorker:
             segs[-1] = replace(segs[-1], n=segs[-1].n + len(kept.pending), pending=())
         for i, (text, ids) in enumerate(pieces):
             if i:
-                segs.append(Segment(IMAGE_MARKER, n_tok, image=keys[kept.images + i - 1]))
+                segs.append(Segment(IMAGE_MARKER, n_tok[i - 1], image=keys[kept.images + i - 1]))
             if ids:
                 segs.append(Segment(text, len(ids)))
         run.segments = segs

@@ -1,4 +1,6 @@
-"""Vision backends: images in, float32 image embeddings `(n_images, n_tokens, n_embd)` out.
+"""Vision backends: images in, float32 image embeddings out: `embed(images)` gives one `(n_tokens_i, n_embd)`
+array per image for any model (a LLaVA-1.6 image's count depends on its size: `tokens_for(w, h)`),
+`encode(images)` one `(n_images, n_tokens, n_embd)` array for fixed-size (LLaVA-1.5) models.
 
 Every backend reads the same mmproj GGUF and uses the shared preprocessing (preprocess.py); the LLM
 side (llm.py) consumes whatever they produce through `llama_batch` embeddings, so any backend can

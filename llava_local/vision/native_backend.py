@@ -103,7 +103,7 @@ class NativeBackend(PixelBackend):
 
     def __init__(self, mmproj, options: VisionOptions, llm=None):
         del llm  # the encoder has its own ggml context; it shares only the library with the LLM
-        super().__init__(mmproj)
+        super().__init__(mmproj, options)
         device = options.device
         cpu_f32_weights = options.cpu_f32_weights
         if cpu_f32_weights is None:

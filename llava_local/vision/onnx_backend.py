@@ -182,6 +182,12 @@ def read_sidecar(path: Path, mmproj) -> dict:
         if not (isinstance(got, list) and len(got) == len(want)
                 and all(isinstance(g, (int, float)) and math.isclose(g, w, rel_tol=1e-6) for g, w in zip(got, want))):
             raise ModelFilesError(f"{path}: {key} {got!r} differs from the mmproj's {list(want)}")
+    anyres = sc.get("anyres")   # LLaVA-1.6: the exporter records the pinpoints (height, width) it was made for
+    want_pinpoints = [list(p) for p in mmproj.anyres.grid_pinpoints] if mmproj.anyres is not None else None
+    if anyres is not None and (not isinstance(anyres, dict) or anyres.get("grid_pinpoints") != want_pinpoints):
+        got = anyres.get("grid_pinpoints") if isinstance(anyres, dict) else anyres
+        raise ModelFilesError(f"{path}: ONNX model's grid pinpoints {got!r} differ from the mmproj "
+                              f"{mmproj.path.name}'s {want_pinpoints!r}: the ONNX file belongs to another model")
     if sc.get("resample", "bicubic") != "bicubic":
         raise ModelFilesError(f"{path}: resample {sc.get('resample')!r} unsupported (LLaVA-1.5: bicubic)")
     return sc
@@ -207,7 +213,7 @@ class OnnxBackend(PixelBackend):
 
     def __init__(self, mmproj, options: VisionOptions, llm=None):
         del llm  # onnxruntime runs the exported graph on its own
-        super().__init__(mmproj)
+        super().__init__(mmproj, options)
         try:
             import onnx
             import onnxruntime as ort

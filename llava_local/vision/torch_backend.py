@@ -86,7 +86,7 @@ class TorchBackend(PixelBackend):
 
     def __init__(self, mmproj, options: VisionOptions, llm=None):
         del llm  # PyTorch runs the rebuilt modules on its own
-        super().__init__(mmproj)
+        super().__init__(mmproj, options)
         try:
             import torch
             importlib.import_module("transformers")   # build_modules needs it: fail here, as unavailable
