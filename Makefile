@@ -4,11 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.llava-local-installed
+RAY_STAMP := $(VENV)/.llava-local-ray-installed
 SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # the CPU wheel; for CUDA/Metal see README ("GPU builds")
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install deps demo test lint test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo browser
+.PHONY: install deps demo test lint test-slow demo-model bench clean upstream-tools test-upstream retemplate-demo browser ray-extra
 
 install deps: $(STAMP) $(SMOLLM2)
 
@@ -36,8 +37,15 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(PY) -m pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 llava_local convert train bench
 
-test-slow: deps upstream-tools browser
+test-slow: deps upstream-tools browser ray-extra
 	$(PY) -m pytest -q -m slow
+
+# the Ray caption tests (tests/test_caption_ray.py) need the [ray] extra; `make test` runs without it
+ray-extra: $(RAY_STAMP)
+
+$(RAY_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[ray]"
+	touch $@
 
 # the chat page test drives Debian's chromium (playwright with the system browser: nothing downloaded)
 browser:

@@ -64,7 +64,7 @@ def file_identity(path: str | os.PathLike) -> str:
 class CaptionConfig:
     """Everything that decides a caption; its hash is the `fingerprint` in every record."""
     llm: str                   # file_identity of the LLM GGUF
-    mmproj: str                # file_identity of the mmproj GGUF
+    mmproj: str                # file_identity of the mmproj GGUF (+ --image-max-tiles: LLaVA-1.6's tiling)
     prompt: str
     system: str | None
     template: str | None       # --template override (else the GGUF's, covered by `llm`)
@@ -86,7 +86,8 @@ def llm_device(worker: WorkerConfig) -> str:
 
 def caption_config(worker: WorkerConfig) -> CaptionConfig:
     eng = worker.engine
-    return CaptionConfig(llm=file_identity(worker.llm_path), mmproj=file_identity(worker.mmproj_path),
+    tiles = f" tiles<={eng.image_max_tiles}" if eng.image_max_tiles is not None else ""
+    return CaptionConfig(llm=file_identity(worker.llm_path), mmproj=file_identity(worker.mmproj_path) + tiles,
                          prompt=worker.prompt, system=worker.system, template=eng.template,
                          vision_backend=eng.vision_backend, vision_device=eng.vision_device,
                          llm_device=llm_device(worker),
@@ -126,6 +127,7 @@ class JobSummary:
     elapsed_s: float = 0.0        # this run, model loading included
     load_s: float = 0.0           # model loading (all worker starts)
     restarts: int = 0             # worker processes that died and were replaced
+    blocks: int = 0               # Ray jobs (ray_job.py): blocks committed by this run
     worker_cpu_s: float = 0.0     # CPU seconds of the worker(s), model load excluded
     info: dict = field(default_factory=dict)   # vision backend, effective parallel, n_ctx
     failures: list[tuple[str, str]] = field(default_factory=list)   # (path, error) of every failed item
@@ -142,6 +144,42 @@ class JobSummary:
         return (self.captioned + self.failed) / work if work > 0 else 0.0
 
 
+def judge_record(rec: dict | None, fingerprint: str, retry_failed: bool, summary: JobSummary) -> str:
+    """What resume does with an item whose earlier record is `rec` (None: none), counted in `summary`:
+    "new" (caption it), "keep" (done, or failed without --retry-failed) or "drop" (recompute it
+    and drop `rec`: another fingerprint, or failed with --retry-failed)."""
+    if rec is None:
+        return "new"
+    if rec.get("fingerprint") != fingerprint:
+        summary.replaced += 1
+        return "drop"
+    if rec.get("status") == "ok":
+        summary.done_before += 1
+        return "keep"
+    if retry_failed:
+        return "drop"
+    summary.failed_before += 1
+    summary.failures.append((rec.get("path", rec["key"]), rec.get("error") or "failed"))
+    return "keep"
+
+
+def warn_replaced(output, summary: JobSummary, stale_prompt: bool) -> None:
+    if summary.replaced:
+        log.warning("%s: %d records were made with another %s; they are recomputed and replaced",
+                    output, summary.replaced, "prompt" if stale_prompt else "model, sampling, template or backend")
+
+
+def record_stamp(worker: WorkerConfig, fingerprint: str) -> dict:
+    """What every record of the job carries besides the worker's fields (before its "time")."""
+    return {"fingerprint": fingerprint, "model": Path(worker.llm_path).name, "prompt": worker.prompt,
+            "vision_backend": worker.engine.vision_backend, "vision_device": worker.engine.vision_device,
+            "llm_device": llm_device(worker)}
+
+
+def record_time() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _plan(job: CaptionJob, fingerprint: str, summary: JobSummary):
     """Repair the journal, decide what to redo. Returns (items to do, records kept by key, every
     previous record by key)."""
@@ -154,24 +192,13 @@ def _plan(job: CaptionJob, fingerprint: str, summary: JobSummary):
     stale_prompt = False
     for it in job.items:
         rec = last.get(it.key)
-        if rec is None:
+        verdict = judge_record(rec, fingerprint, job.retry_failed, summary)
+        if verdict != "keep":
             todo.append(it)
-        elif rec.get("fingerprint") != fingerprint:
-            summary.replaced += 1
+        if verdict == "drop":
+            drop.add(it.key)
             stale_prompt |= rec.get("prompt") != job.worker.prompt
-            todo.append(it)
-            drop.add(it.key)
-        elif rec.get("status") == "ok":
-            summary.done_before += 1
-        elif job.retry_failed:
-            todo.append(it)
-            drop.add(it.key)
-        else:
-            summary.failed_before += 1
-            summary.failures.append((rec.get("path", it.key), rec.get("error") or "failed"))
-    if summary.replaced:
-        log.warning("%s: %d records were made with another %s; they are recomputed and replaced",
-                    path, summary.replaced, "prompt" if stale_prompt else "model, sampling, template or backend")
+    warn_replaced(path, summary, stale_prompt)
     duplicates = len(state.records) != len(last)
     if job.overwrite and path.exists():
         write_whole(path, b"")
@@ -278,15 +305,12 @@ def _run_locked(job, fp, summary, t0, on_plan, on_ready, on_record) -> JobSummar
 
 def _caption(job, todo, fp, writer, sidecars, summary, results, t0, on_ready, on_record) -> None:
     """Run the worker over `todo`, journalling each record as it comes."""
-    w = job.worker
-    stamp = {"fingerprint": fp, "model": Path(w.llm_path).name, "prompt": w.prompt,
-             "vision_backend": w.engine.vision_backend, "vision_device": w.engine.vision_device,
-             "llm_device": llm_device(w)}
-    sup = WorkerSupervisor(w, job.pair, on_ready=on_ready,
+    stamp = record_stamp(job.worker, fp)
+    sup = WorkerSupervisor(job.worker, job.pair, on_ready=on_ready,
                            **({"stall_timeout": job.stall_timeout} if job.stall_timeout else {}))
     try:
         for rec in sup.run(todo):
-            rec = {**rec, **stamp, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            rec = {**rec, **stamp, "time": record_time()}
             writer.write(rec)
             results[rec["key"]] = rec
             if rec["status"] == "ok":

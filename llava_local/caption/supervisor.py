@@ -8,6 +8,9 @@ items and yields one record per item, restarting the worker whenever it dies:
         print(record["key"], record["status"], record.get("caption") or record["error"])
     print(sup.stats.restarts, sup.stats.load_s)
 
+A long-lived host (a Ray actor, ray_job.py) calls `start()` once to load the model, then
+`run(items, keep_alive=True)` per block: the worker stays loaded between blocks until `close()`.
+
 When the worker dies, the items in flight are suspects: each is then run alone in a fresh worker,
 so the one that kills it again gets the error record ("worker process died (SIGABRT) ...") and the
 innocent ones are captioned. A worker that produces nothing for `stall_timeout` seconds is killed
@@ -66,6 +69,11 @@ class WorkerSupervisor:
         self._conn = None
 
     # --- process management ---
+    def start(self) -> None:
+        """Load the model now (else the first `run` does): a WorkerStartError surfaces here."""
+        if self._proc is None:
+            self._start()
+
     def _start(self) -> None:
         t0 = time.perf_counter()
         proc, parent = spawn(worker_main, (self.cfg, self.pair), "llava-local-caption-worker")
@@ -115,9 +123,11 @@ class WorkerSupervisor:
         self._stop(graceful=True)
 
     # --- the job ---
-    def run(self, items: Iterable[CaptionItem], *, max_inflight: int | None = None) -> Iterator[dict]:
+    def run(self, items: Iterable[CaptionItem], *, max_inflight: int | None = None,
+            keep_alive: bool = False) -> Iterator[dict]:
         """Yield one record per item (in completion order). Items that kill the worker get an error
-        record; the worker is restarted. Raises WorkerStartError if the model cannot be loaded."""
+        record; the worker is restarted. Raises WorkerStartError if the model cannot be loaded.
+        `keep_alive`: a worker that finished every item stays loaded for the next `run`."""
         pending = deque(items)
         suspects: deque = deque()              # in flight when a worker died: now run one at a time
         inflight: dict[str, tuple[CaptionItem, bool]] = {}   # key -> (item, sent alone?)
@@ -193,4 +203,6 @@ class WorkerSupervisor:
                 suspects.extend(it for it, _ in inflight.values())
                 inflight.clear()
         finally:
-            self._stop(graceful=not (pending or suspects or inflight))
+            finished = not (pending or suspects or inflight)
+            if not (keep_alive and finished):
+                self._stop(graceful=finished)

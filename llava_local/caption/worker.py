@@ -9,10 +9,12 @@ process that the supervisor (supervisor.py) restarts. This module is what runs i
     #   <- ("items", [CaptionItem, ...]) | ("stop",)
     #   -> ("ready", info) | ("fatal", message) | ("record", record) | ("died", message) | ("stats", {...})
 
-Images are decoded and squared (LLaVA's pad + resize) by a thread pool, encoded by the vision
-backend in batches, and captioned by `BatchDecoder` (`parallel` sequences per llama.cpp batch, the
-prompt prefix shared in the KV cache). `resolve_worker` decides "auto" placement in the job's
-process, so that the records and every restarted worker name and run the same thing. With
+Images are decoded and squared (LLaVA-1.5's pad + resize; a LLaVA-1.6 image stays as it is, the
+backend tiles it) by a thread pool, encoded by the vision backend in batches, and captioned by
+`BatchDecoder` (`parallel` sequences per llama.cpp batch, the prompt prefix shared in the KV cache).
+Each image is admitted by its own token count (a 1.6 image takes 576 to 2928 by its size); the
+default context is sized for `parallel` of the largest. `resolve_worker` decides "auto" placement
+in the job's process, so that the records and every restarted worker name and run the same thing. With
 `json_schema` every sequence samples through a grammar of its own and its record carries the parsed
 object ("json"); an answer cut by max_tokens or not valid against the schema is an error record.
 """
@@ -44,8 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CaptionItem:
-    key: str    # the record's identity (resume, shards)
-    path: str   # where the image is read from
+    key: str                    # the record's identity (resume, shards)
+    path: str                   # where the image is read from (with `data`: where those bytes came from)
+    data: bytes | None = None   # the file's bytes, when the job has them already (a Ray Dataset's row)
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def item_seed(seed: int | None, key: str) -> int | None:
 
 
 def _context_size(cfg: WorkerConfig, image_tokens: int) -> int:
-    """KV cells for `parallel` sequences: the prefix once, then image + question + answer each.
+    """KV cells for `parallel` sequences: the prefix once, then image (`image_tokens`: the largest
+    image's) + question + answer each.
     Text is bounded by its UTF-8 bytes (a token is at least one byte); the decoder admits by the
     real token counts, so a too-small context lowers the parallelism instead of failing."""
     text = len((cfg.prompt + (cfg.system or "")).encode()) + 512   # + template text and default system prompt
@@ -94,7 +98,8 @@ def resolve_worker(cfg: WorkerConfig, pair: ModelPair | None = None) -> WorkerCo
         from llava_local.runtime.model_pair import resolve_pair
         pair = resolve_pair(cfg.llm_path, cfg.mmproj_path)
     p = resolve_placement(pair, gpu_layers=e.gpu_layers, vision_backend=e.vision_backend,
-                          vision_device=e.vision_device, n_ctx=e.n_ctx or _context_size(cfg, pair.image_tokens),
+                          vision_device=e.vision_device,
+                          n_ctx=e.n_ctx or _context_size(cfg, pair.max_image_tokens(e.image_max_tiles)),
                           workload="batch")
     log.info("caption worker: %s", p.describe())
     return replace(cfg, engine=replace(e, vision_backend=p.vision_backend, vision_device=p.vision_device,
@@ -118,19 +123,21 @@ class _Worker:
 
         self.cfg = cfg
         self.output = JsonOutput(cfg.json_schema) if cfg.json_schema is not None else None
-        n_ctx = cfg.engine.n_ctx or _context_size(cfg, pair.image_tokens)
+        max_image = pair.max_image_tokens(cfg.engine.image_max_tiles)
+        n_ctx = cfg.engine.n_ctx or _context_size(cfg, max_image)
         self.engine = Engine(pair, cfg.engine, n_ctx=n_ctx, n_seq_max=cfg.parallel, workload="batch")
         llm = self.engine.llm
         self.prefix, self.suffix = self.engine.prompt.parts(caption_messages(cfg), n_images=1)
         self.decoder = BatchDecoder(llm, self.prefix, n_seq=cfg.parallel, ignore_eos=cfg.ignore_eos)
-        self.per_item = pair.image_tokens + len(self.suffix) + cfg.max_tokens
-        check_fit(n_ctx=llm.n_ctx, n_images=1, image_tokens=pair.image_tokens, n_text=len(self.suffix),
-                  n_answer=cfg.max_tokens, in_use=len(self.prefix), hint="raise --ctx or lower --max-tokens")
-        self.effective_parallel = min(cfg.parallel, self.decoder.capacity // self.per_item)
+        self.per_item = len(self.suffix) + cfg.max_tokens          # KV cells of an item besides its image
+        self.min_image = pair.image_tokens                          # the smallest (1.6: the base image alone)
+        check_fit(n_ctx=llm.n_ctx, images=[max_image], n_text=len(self.suffix), n_answer=cfg.max_tokens,
+                  in_use=len(self.prefix), hint="raise --ctx or lower --max-tokens")
+        self.effective_parallel = min(cfg.parallel, self.decoder.capacity // (max_image + self.per_item))
         if self.effective_parallel < cfg.parallel:
             log.warning("n_ctx %d holds %d sequences, not --parallel %d", llm.n_ctx, self.effective_parallel,
                         cfg.parallel)
-        self.square_config = self.engine.vision.preprocess_config
+        self.square_config = None if pair.anyres else self.engine.vision.preprocess_config   # 1.6: tiled
         self.pool = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="caption-io")
         self.meta: dict[str, tuple] = {}     # key -> (item, load_s, encode_s) while decoding
         pl = self.engine.placement
@@ -142,9 +149,16 @@ class _Worker:
         from llava_local.image.load import load_image
         from llava_local.image.preprocess import square_image
         t0 = time.perf_counter()
-        loaded = load_image(item.path)
+        if item.data is None:
+            loaded = load_image(item.path)
+        else:   # load.py names bytes "<bytes>": the record names the file they came from
+            try:
+                loaded = load_image(item.data)
+            except LlavaLocalError as exc:
+                raise type(exc)(str(exc).replace("<bytes>", item.path, 1)) from None
         # pad + resize here, in the pool: the backends' own square step then returns the image as it is
-        return square_image(loaded.image, self.square_config), time.perf_counter() - t0
+        image = loaded.image if self.square_config is None else square_image(loaded.image, self.square_config)
+        return image, time.perf_counter() - t0
 
     def _error(self, item: CaptionItem, message: str, **extra) -> dict:
         return {"key": item.key, "path": item.path, "status": "error", "caption": None, "error": message, **extra}
@@ -177,21 +191,32 @@ class _Worker:
         """Start as many loaded images as there is room for; return records of those that failed."""
         from llava_local.runtime.batch_decode import SeqRequest
         out, batch = [], []
-        room = min(self.decoder.n_free, (self.decoder.capacity - self.decoder.reserved) // self.per_item)
-        while pending and len(batch) < room:
+        cells = self.decoder.capacity - self.decoder.reserved     # KV cells left for new items
+        while pending and len(batch) < self.decoder.n_free and cells >= self.min_image + self.per_item:
             # Wait for the next image even when the decoder could step without it: which images share
             # a batch then depends on the job alone, not on thread timing, and llama.cpp's results
             # depend (in the last bits, which the F16 KV cache can amplify) on the batch. The pool
             # decodes up to `parallel + io_threads` images ahead, so the wait is rarely felt.
-            item, fut = pending.popleft()
+            item, fut = pending[0]
             try:
                 image, load_s = fut.result()
             except LlavaLocalError as exc:
+                pending.popleft()
                 out.append(self._error(item, str(exc)))
                 continue
             except Exception as exc:  # a decoder bug in Pillow etc.: this image's failure, not the job's
+                pending.popleft()
                 out.append(self._error(item, f"{item.path}: cannot decode image ({type(exc).__name__}: {exc})"))
                 continue
+            n_image = self.engine.image_tokens([image])[0]
+            if n_image + self.per_item > cells and (batch or self.decoder.active):
+                break                    # waits for room, in order (the job alone decides the batches)
+            pending.popleft()
+            if n_image + self.per_item > cells:    # alone and too big: the engine's check makes it never
+                out.append(self._error(item, f"{item.path}: image needs {n_image} tokens (+{self.per_item} "
+                                             f"text and answer), n_ctx is {self.engine.llm.n_ctx}"))
+                continue                           # happen, but a job must not wait for it for ever
+            cells -= n_image + self.per_item
             batch.append((item, image, load_s))
         if not batch:
             return out
