@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_local.errors import ConversionError, ModelFilesError
+from llava_local.formats.gguf_names import MERGE_FLAT, MERGE_SPATIAL_UNPAD
 
 from .tensor_store import TensorStore
 
@@ -54,7 +55,6 @@ _HF_MODEL_TYPES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
 _HF_NEWLINE_NAMES = ("image_newline", "model.image_newline")
 _ORIGINAL_NEWLINE_NAME = "model.image_newline"
 ANYRES, PAD = "anyres", "pad"                        # LLaVA repo image_aspect_ratio values we run
-MERGE_SPATIAL_UNPAD, MERGE_FLAT = "spatial_unpad", "flat"   # LLaVA repo mm_patch_merge_type values
 
 
 def _find_vision_prefix(store: "TensorStore", where: Path) -> str:

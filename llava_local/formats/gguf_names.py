@@ -58,12 +58,18 @@ TN_IMAGE_NEWLINE = _V[gguf.MODEL_TENSOR.V_ENC_EMBD_IMGNL]       # "v.image_newli
 # upstream's legacy converter (llava_surgery_v2.py + convert_image_encoder_to_gguf.py) keeps the LLaVA
 # repo's name for the newline; current clip.cpp does not load it under that name (its graph never uses it)
 TN_IMAGE_NEWLINE_LEGACY = "model.image_newline"
-PATCH_MERGE_SPATIAL_UNPAD = "spatial_unpad"
+# mm_patch_merge_type values (clip.cpp's and the LLaVA repo's): LLaVA-1.5 "flat", LLaVA-1.6 "spatial_unpad"
+MERGE_FLAT, MERGE_SPATIAL_UNPAD = "flat", "spatial_unpad"
 
 
 def pinpoints_to_gguf(pinpoints_hw) -> list[int]:
     """transformers' ((h, w), ...) -> the flat (w, h, w, h, ...) array clip.cpp reads."""
     return [int(v) for h, w in pinpoints_hw for v in (w, h)]
+
+
+def pinpoints_from_gguf(flat: list[int]) -> tuple[tuple[int, int], ...]:
+    """The inverse of pinpoints_to_gguf: the flat (w, h, ...) array -> ((h, w), ...), transformers' order."""
+    return tuple((int(h), int(w)) for w, h in zip(flat[0::2], flat[1::2]))
 
 
 def llm_tensor_map(n_blocks: int) -> gguf.TensorNameMap:

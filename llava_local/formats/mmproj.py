@@ -36,15 +36,15 @@ import numpy as np
 from llava_local.errors import LlavaLocalError, ModelFilesError
 from llava_local.formats.gguf_check import GGUFInfo, read_gguf_info
 from llava_local.formats.gguf_names import (CLIP_BLOCK_TENSORS, KEY_FEATURE_LAYER, KEY_IMAGE_GRID_PINPOINTS,
-                                            KEY_LLAVA_LOCAL_IMAGE_TOKENS, KEY_MM_PATCH_MERGE_TYPE, TN_IMAGE_NEWLINE,
-                                            TN_IMAGE_NEWLINE_LEGACY)
+                                            KEY_LLAVA_LOCAL_IMAGE_TOKENS, KEY_MM_PATCH_MERGE_TYPE, MERGE_FLAT,
+                                            MERGE_SPATIAL_UNPAD, TN_IMAGE_NEWLINE, TN_IMAGE_NEWLINE_LEGACY,
+                                            pinpoints_from_gguf)
 
 log = logging.getLogger(__name__)
 
 K = gguf.Keys
 _FFN_UP = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_FFN_UP]        # "v.blk.{bid}.ffn_up"
 _FFN_DOWN = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_FFN_DOWN]    # "v.blk.{bid}.ffn_down"
-MERGE_FLAT, MERGE_SPATIAL_UNPAD = "flat", "spatial_unpad"   # clip.cpp's mm_patch_merge_type values
 MAX_PINPOINT_TILES = 100    # tiles of one pinpoint (LLaVA-1.6: 4; OneVision-style grids: 36): bounds the batch
 MAX_PINPOINTS = 256         # pinpoints in one file (LLaVA-1.6: 5)
 
@@ -217,8 +217,7 @@ def _anyres(info: GGUFInfo, path: Path, tile: int, n_embd: int) -> AnyresSpec | 
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
         raise ModelFilesError(f"{path}: {KEY_IMAGE_GRID_PINPOINTS} must be an even-length integer array of at most "
                               f"{MAX_PINPOINTS} pairs, got {flat[:8] if isinstance(flat, list) else flat!r}")
-    # stored as clip.cpp reads them: (width, height) pairs (gguf_names.py)
-    pinpoints = tuple((int(h), int(w)) for w, h in zip(flat[0::2], flat[1::2]))
+    pinpoints = pinpoints_from_gguf(flat)   # stored as clip.cpp reads them: (width, height) pairs
     for h, w in pinpoints:
         if h <= 0 or w <= 0 or h % tile or w % tile or (h // tile) * (w // tile) > MAX_PINPOINT_TILES:
             raise ModelFilesError(f"{path}: grid pinpoint {h}x{w} (height x width) is not a grid of at most "
